@@ -1,0 +1,52 @@
+"""Gated delta rule: the model-facing entry point and its dispatch.
+
+``reference.py`` is the token-by-token definition; faster forms live beside it and
+are pinned to it by tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .reference import gated_delta_recurrent
+
+
+def decay_and_beta(
+    a: mx.array, b: mx.array, A_log: mx.array, dt_bias: mx.array
+) -> Tuple[mx.array, mx.array]:
+    """g = -exp(A_log) * softplus(a + dt_bias) (log-space, float32) and beta = sigmoid(b)."""
+    g = -mx.exp(A_log.astype(mx.float32)) * nn.softplus(a.astype(mx.float32) + dt_bias.astype(mx.float32))
+    return g, mx.sigmoid(b.astype(mx.float32))
+
+
+def l2_normalize_qk(q: mx.array, k: mx.array, eps: float = 1e-6) -> Tuple[mx.array, mx.array]:
+    """L2-normalise q and k over the head dim (eps added to sum of squares) and scale q by Dk^-0.5."""
+    dk = q.shape[-1]
+    inv = dk**-0.5
+    # rms_norm divides by sqrt(mean(x^2) + eps'), so eps' = eps / Dk matches x / sqrt(sum(x^2) + eps).
+    q = (inv * inv) * mx.fast.rms_norm(q, None, eps * inv * inv)
+    k = inv * mx.fast.rms_norm(k, None, eps * inv * inv)
+    return q, k
+
+
+def gated_delta_update(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    a: mx.array,
+    b: mx.array,
+    A_log: mx.array,
+    dt_bias: mx.array,
+    state: Optional[mx.array] = None,
+) -> Tuple[mx.array, mx.array]:
+    """The whole DeltaNet token mixer after the convolution.
+
+    q, k: (B, T, Hk, Dk) raw (after conv + silu); v: (B, T, Hv, Dv); a, b: (B, T, Hv);
+    state: (B, Hv, Dv, Dk) float32 or None. Returns o (B, T, Hv, Dv) and the new state.
+    """
+    q, k = l2_normalize_qk(q, k)
+    g, beta = decay_and_beta(a, b, A_log, dt_bias)
+    return gated_delta_recurrent(q, k, v, g, beta, state)
