@@ -1,0 +1,17 @@
+"""Exceptions users see: each carries a one-line message naming the file, tensor or option at fault."""
+
+
+class QwenMoeError(Exception):
+    """Base class for errors the CLI reports as one line."""
+
+
+class ConfigError(QwenMoeError, ValueError):
+    """config.json is missing, unreadable, or describes something we do not run."""
+
+
+class CheckpointError(QwenMoeError, ValueError):
+    """A weight file or tensor is missing, malformed, or of the wrong shape."""
+
+
+class ModelNotFoundError(QwenMoeError, FileNotFoundError):
+    """Neither a local directory nor a reachable Hugging Face repository."""

@@ -1,0 +1,209 @@
+"""Finding a model (local directory or Hugging Face repo) and loading its weights into ``Model``.
+
+Every problem with the files is reported as one line naming the file and tensor:
+safetensors headers are checked before MLX reads them, and the mapped tensors are
+checked against the model's parameters before ``load_weights``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import infer_quant_config
+
+from .checkpoint import is_vision_key, rename
+from .config import ModelArgs, quantization_of, read_config
+from .errors import CheckpointError, ModelNotFoundError
+from .model import Model
+
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def resolve_model_path(path_or_repo: str) -> Path:
+    """A local model directory, or the snapshot of a Hugging Face repo (safetensors only).
+
+    Honours ``HF_HUB_OFFLINE``; an unreachable Hub is a one-line ``ModelNotFoundError``.
+    """
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
+        raise ModelNotFoundError(f"--model {path_or_repo}: not a model directory or a Hugging Face repo id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path_or_repo, allow_patterns=HUB_PATTERNS, etag_timeout=10))
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(
+            f"--model {path_or_repo}: not in the local Hugging Face cache and the Hub is unreachable"
+            f"{' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelNotFoundError(f"--model {path_or_repo}: cannot download ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def check_safetensors(path: Path) -> Dict[str, dict]:
+    """The header of a safetensors file, after checking it describes the bytes actually there."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} exceeds the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data_size = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name}: malformed header entry") from None
+        if dtype not in _DTYPE_BYTES:
+            raise CheckpointError(f"{path}: tensor {name}: unsupported dtype {dtype}")
+        count = 1
+        for d in shape:
+            count *= d
+        if end - start != count * _DTYPE_BYTES[dtype] or start < 0:
+            raise CheckpointError(f"{path}: tensor {name}: header size does not match shape {shape} {dtype}")
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name} ends at byte {end} but the file holds {data_size} data bytes"
+            )
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def weight_files(model_dir: Path) -> list:
+    """The checkpoint's safetensors files: those of the index if there is one, else all of them."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object)") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (model_dir / name).exists():
+                raise CheckpointError(f"{index}: lists {name}, which is not in {model_dir}")
+        return [model_dir / f for f in files]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir}: no *.safetensors weight files")
+    return files
+
+
+def read_weights(model_dir: Path) -> Tuple[Dict[str, mx.array], Dict[str, Path]]:
+    """All tensors (vision tower skipped), and the file each came from."""
+    weights: Dict[str, mx.array] = {}
+    origin: Dict[str, Path] = {}
+    for path in weight_files(model_dir):
+        names = [k for k in check_safetensors(path) if not is_vision_key(k)]
+        if not names:
+            continue
+        try:
+            arrays = mx.load(str(path))
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot be read ({e})") from None
+        for k in names:
+            weights[k] = arrays[k]
+            origin[k] = path
+    return weights, origin
+
+
+def _where(key: str, origin: Dict[str, Path]) -> str:
+    """' in <file>' for a mapped tensor name, when the source tensor can be traced."""
+    stem = key.rsplit(".switch_mlp.", 1)[0]
+    for k, path in origin.items():
+        if rename(k) == key or rename(k).startswith(stem + ".experts"):
+            return f" in {path.name}"
+    return ""
+
+
+def _check_against_model(model: Model, weights: Dict[str, mx.array], origin: Dict[str, Path], model_dir: Path) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{model_dir}: missing tensor {missing[0]}{more}")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{model_dir}: unexpected tensor {unexpected[0]}{_where(unexpected[0], origin)}{more}")
+    for k, v in weights.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(
+                f"{model_dir}: tensor {k}{_where(k, origin)} has shape {tuple(v.shape)}, "
+                f"expected {tuple(expected[k].shape)}"
+            )
+
+
+def _quantize(model: Model, config: dict, weights: Dict[str, mx.array]) -> None:
+    """Turn the layers the checkpoint stores quantized into quantized layers, as mlx-lm does."""
+    quantization = quantization_of(config)
+    if quantization is None:
+        return
+
+    def predicate(path: str, module: nn.Module):
+        if isinstance(quantization.get(path), dict):
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def _cast(weights: Dict[str, mx.array], dtype: mx.Dtype) -> Dict[str, mx.array]:
+    """Cast float tensors to ``dtype``; A_log stays float32 (exp of it must not overflow in fp16)."""
+    return {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith("A_log") else v
+        for k, v in weights.items()
+    }
+
+
+def load_model(model_dir: Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Tuple[Model, dict]:
+    """Build ``Model`` from a local directory and load its weights; returns (model, config dict)."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    args = ModelArgs.from_config(config, source=str(model_dir / "config.json"))
+    raw, origin = read_weights(model_dir)
+    mtp_layers = {int(m.group(1)) for k in raw if (m := re.match(r"mtp\.layers\.(\d+)\.", k))}
+    if mtp_layers:
+        args.mtp_num_hidden_layers = max(mtp_layers) + 1
+    model = Model(args, with_mtp=bool(mtp_layers))
+    weights = model.sanitize(raw)
+    if dtype is not None:
+        weights = _cast(weights, dtype)
+    _quantize(model, config, weights)
+    _check_against_model(model, weights, origin, model_dir)
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, config
