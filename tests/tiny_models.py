@@ -1,0 +1,128 @@
+"""Tiny random checkpoints of the real architecture, written by transformers itself.
+
+Tests load them with our code and compare against the transformers model (the oracle).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers import (
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForCausalLM,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3_5MoeTextConfig,
+)
+
+BASE: Dict[str, Any] = dict(
+    vocab_size=101,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+)
+
+
+def text_config(**overrides: Any) -> Qwen3_5MoeTextConfig:
+    return Qwen3_5MoeTextConfig(**{**BASE, **overrides})
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Random init leaves norms at 0 (offset form) and the router near uniform; shake them so
+    that norm offsets, routing and top-k ties are really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and not name.endswith(("A_log", "dt_bias")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def fuse_experts(model_dir: Path, num_experts: int) -> None:
+    """Rewrite a per-expert checkpoint (what transformers 5 saves) in the fused layout of the
+    official Qwen3.5 checkpoints: experts.gate_up_proj (E, 2I, D) and experts.down_proj (E, D, I)."""
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors = load_file(path)
+        prefixes = sorted({k.split(".experts.")[0] for k in tensors if ".experts." in k})
+        for p in prefixes:
+            get = lambda e, n: tensors.pop(f"{p}.experts.{e}.{n}.weight")  # noqa: E731
+            gate_up = [np.concatenate([get(e, "gate_proj"), get(e, "up_proj")], axis=0) for e in range(num_experts)]
+            tensors[f"{p}.experts.gate_up_proj"] = np.stack(gate_up)
+            tensors[f"{p}.experts.down_proj"] = np.stack([get(e, "down_proj") for e in range(num_experts)])
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def reshard(model_dir: Path, shards: int) -> None:
+    """Split model.safetensors into ``shards`` files with an index, as large checkpoints come."""
+    model_dir = Path(model_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in names[i::shards]}
+        save_file(part, str(model_dir / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    (model_dir / "model.safetensors").unlink()
+    index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_checkpoint(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    layout: str = "per_expert",
+    multimodal: bool = False,
+    shards: int = 1,
+    **overrides: Any,
+) -> Tuple[Path, torch.nn.Module]:
+    """Save a random float32 Qwen3.5-MoE checkpoint; returns (directory, transformers model in eval mode).
+
+    ``multimodal`` saves ``Qwen3_5MoeForConditionalGeneration`` (model_type qwen3_5_moe, with a
+    tiny vision tower and ``model.language_model.*`` names), otherwise the text-only class.
+    ``layout="fused"`` rewrites the experts as the official checkpoints store them; ``shards``
+    splits the weights over several files with an index (a layer's tensors may straddle files).
+    """
+    torch.manual_seed(seed)
+    tcfg = text_config(**overrides)
+    if multimodal:
+        cfg = Qwen3_5MoeConfig(
+            text_config=tcfg.to_dict(),
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=tcfg.hidden_size),
+        )
+        model = Qwen3_5MoeForConditionalGeneration(cfg)
+    else:
+        model = Qwen3_5MoeForCausalLM(tcfg)
+    _perturb(model, seed)
+    model.eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    if layout == "fused":
+        fuse_experts(out_dir, tcfg.num_experts)
+    elif layout != "per_expert":
+        raise ValueError(f"layout must be 'per_expert' or 'fused', not {layout!r}")
+    if shards > 1:
+        reshard(out_dir, shards)
+    return out_dir, model
+
+
+def reference_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
