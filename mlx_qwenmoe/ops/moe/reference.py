@@ -1,14 +1,16 @@
-"""Sparse MoE: routing and the routed-expert SwiGLU, as the model calls them.
+"""Pure-MLX MoE: the definition the Metal kernels are tested against, and the path off Metal.
 
-The experts are mlx-lm ``SwitchGLU`` modules (float ``SwitchLinear`` or
-``QuantizedSwitchLinear``), so checkpoints keep mlx-lm's layout.
+mlx-lm's ``SwitchGLU`` already picks the right ``gather_qmm`` form: sorted
+indices when there are many (token, expert) pairs (prefill), the plain gather
+for a handful (decode).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
 
@@ -22,7 +24,23 @@ def route(logits: mx.array, top_k: int, normalize: bool) -> Tuple[mx.array, mx.a
     return weights, inds.astype(mx.uint32)
 
 
-def routed_experts(x: mx.array, inds: mx.array, weights: mx.array, experts: SwitchGLU) -> mx.array:
-    """sum_j weights[..., j] * expert_{inds[..., j]}(x), for x (..., D)."""
+def routed_experts(
+    x: mx.array,
+    inds: mx.array,
+    weights: mx.array,
+    experts: SwitchGLU,
+    shared_expert: Optional[nn.Module] = None,
+    shared_expert_gate: Optional[nn.Module] = None,
+) -> mx.array:
+    """sum_j weights[..., j] * expert_{inds[..., j]}(x), for x (..., D).
+
+    With ``shared_expert`` (and its ``shared_expert_gate``), also adds
+    ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``.
+    """
+    if (shared_expert is None) != (shared_expert_gate is None):
+        raise ValueError("shared_expert and shared_expert_gate must be given together")
     y = experts(x, inds)
-    return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+    y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+    if shared_expert is not None:
+        y = y + mx.sigmoid(shared_expert_gate(x)) * shared_expert(x)
+    return y
