@@ -7,7 +7,7 @@ roll a layer back to an earlier point exactly.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, KVCache
@@ -24,10 +24,18 @@ class AttentionCache(KVCache):
 
 
 class DeltaNetCache(ArraysCache):
-    """Conv state (B, K-1, conv_dim) and recurrent state (B, Hv, Dv, Dk, float32) of a DeltaNet layer."""
+    """Conv state (B, K-1, conv_dim) and recurrent state (B, Hv, Dv, Dk, float32) of a DeltaNet layer.
+
+    While ``record_steps`` is set, the layer also leaves here, for the last block of tokens it
+    processed, the conv input and the recurrent state after every token, so that ``trim`` can
+    drop that block's last tokens exactly (speculative decoding rejects drafts this way). Keep
+    it off for prefill: it holds one recurrent state per token of the block.
+    """
 
     def __init__(self) -> None:
         super().__init__(size=2)
+        self.record_steps = False
+        self._block: Optional[Tuple[mx.array, List[Optional[mx.array]]]] = None
 
     @property
     def conv_state(self) -> Optional[mx.array]:
@@ -43,6 +51,26 @@ class DeltaNetCache(ArraysCache):
 
     def restore(self, snapshot: tuple) -> None:
         self.cache = list(snapshot)
+        self._block = None
+
+    def record_block(self, conv_in: mx.array, states: List[Optional[mx.array]]) -> None:
+        """conv_in: (B, K-1+T, C), the conv state before the block then its T inputs;
+        states: the recurrent state before the block, then after each of its T tokens."""
+        self._block = (conv_in, states)
+
+    def trim(self, n: int) -> int:
+        """Forget the last ``n`` tokens of the last recorded block; returns ``n``."""
+        if n == 0:
+            return 0
+        if self._block is None or not 0 < n < len(self._block[1]):
+            recorded = 0 if self._block is None else len(self._block[1]) - 1
+            raise ValueError(f"cannot trim {n} tokens: the last recorded block holds {recorded}")
+        conv_in, states = self._block
+        keep = len(states) - 1 - n
+        width = conv_in.shape[1] - (len(states) - 1)
+        self.cache = [mx.contiguous(conv_in[:, keep : keep + width]), states[keep]]
+        self._block = None
+        return n
 
 
 def snapshot_caches(caches: Sequence[Any]) -> List[Any]:

@@ -8,7 +8,7 @@ tools; the multi-token-prediction head (``mtp.*``), which mlx-lm drops, is kept.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,6 +32,23 @@ class GatedRMSNorm(nn.Module):
     def __call__(self, x: mx.array, z: mx.array) -> mx.array:
         y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
         return (y * nn.silu(z.astype(mx.float32))).astype(x.dtype)
+
+
+def _delta_steps(
+    q: mx.array, k: mx.array, v: mx.array, a: mx.array, b: mx.array,
+    A_log: mx.array, dt_bias: mx.array, state: Optional[mx.array],
+) -> Tuple[mx.array, List[Optional[mx.array]]]:
+    """The delta rule one token at a time, exactly as decoding runs it, keeping the state before
+    the block and after every token so a speculative verify block can be cut back to any prefix."""
+    outs, states = [], [state]
+    for t in range(q.shape[1]):
+        step = slice(t, t + 1)
+        o, state = gated_delta_update(
+            q[:, step], k[:, step], v[:, step], a[:, step], b[:, step], A_log, dt_bias, state
+        )
+        outs.append(o)
+        states.append(state)
+    return mx.concatenate(outs, axis=1), states
 
 
 class GatedDeltaNet(nn.Module):
@@ -80,7 +97,12 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(B, S, self.num_v_heads, self.head_v_dim)
 
         state = cache.recurrent_state if cache is not None else None
-        out, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state)
+        if cache is not None and cache.record_steps:
+            out, states = _delta_steps(q, k, v, a, b, self.A_log, self.dt_bias, state)
+            cache.record_block(conv_in, states)
+            state = states[-1]
+        else:
+            out, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state)
         if cache is not None:
             cache[1] = state
         out = self.norm(out, z)

@@ -126,3 +126,40 @@ def make_checkpoint(
 def reference_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def add_mtp(model_dir: Path, seed: int = 1) -> None:
+    """Give a checkpoint from ``make_checkpoint`` a random MTP head, as official checkpoints ship:
+    ``mtp.fc.weight`` (H, 2H), the three ``mtp.*`` offset norms, and ``mtp.layers.0.*`` named
+    and laid out (per-expert or fused) like the checkpoint's first full-attention layer; sets
+    ``mtp_num_hidden_layers: 1`` in config.json. Works on single-file and sharded checkpoints."""
+    import re
+
+    model_dir = Path(model_dir)
+    rng = np.random.default_rng(seed)
+    index_path = model_dir / "model.safetensors.index.json"
+    files = sorted(model_dir.glob("*.safetensors"))
+    tensors = {k: v for f in files for k, v in load_file(f).items()}
+    attn = sorted({m.group(1) for k in tensors if (m := re.match(r"^(.*layers\.\d+)\.self_attn\.", k))})[0]
+
+    def like(t: np.ndarray) -> np.ndarray:
+        if t.ndim == 1:  # offset norms: around 0, like _perturb leaves them
+            return (rng.standard_normal(t.shape) * 0.1).astype(t.dtype)
+        return (rng.standard_normal(t.shape) * max(float(t.std()), 1e-2)).astype(t.dtype)
+
+    hidden = tensors[f"{attn}.input_layernorm.weight"]
+    mtp = {f"mtp.layers.0.{k[len(attn) + 1:]}": like(v) for k, v in tensors.items() if k.startswith(attn + ".")}
+    mtp["mtp.fc.weight"] = (rng.standard_normal((hidden.size, 2 * hidden.size)) * 0.02).astype(hidden.dtype)
+    for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        mtp[f"mtp.{name}.weight"] = like(hidden)
+
+    target = files[-1]
+    save_file({**load_file(target), **mtp}, str(target), metadata={"format": "pt"})
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["weight_map"].update({k: target.name for k in mtp})
+        index_path.write_text(json.dumps(index, indent=2))
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config.get("text_config", config)["mtp_num_hidden_layers"] = 1
+    config_path.write_text(json.dumps(config, indent=2))

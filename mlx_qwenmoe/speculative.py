@@ -1,0 +1,273 @@
+"""Speculative decoding with the checkpoint's own multi-token-prediction (MTP) head.
+
+Each round drafts k tokens with the MTP head, runs the main model once over
+[last token, k drafts], keeps the longest prefix it agrees with plus one token of
+its own, and cuts every cache back to what plain decoding would hold.
+
+MTP convention (Qwen3.5, as vLLM/SGLang and ``tools/train_demo_model.py``): slot t
+reads the main model's final normed hidden h_t and the embedding of token x_{t+1} at
+RoPE position t; its normed output's logits predict x_{t+2}. The MTP layer's own KV
+cache holds slots 0..t-1 when slot t runs. For the j-th draft (j > 1) h is not known
+yet, so the MTP's own normed output of the previous slot stands in for it (what vLLM
+and SGLang feed back; it is also what ``pre_fc_norm_hidden`` saw in training, a
+normed hidden). Once the main model has verified a round, the accepted slots are
+recomputed from the true hidden states, so the MTP cache never keeps a stand-in.
+
+Verification keeps the output distribution exactly the main model's:
+- greedy (``sampler`` None, or a ``SamplerSpec`` with temp 0): accept while draft == argmax;
+- a ``SamplerSpec``: the standard speculative rejection rule (Leviathan et al. 2023;
+  Chen et al. 2023), drafts drawn from the MTP's processed distribution;
+- any other sampler: sample-and-match. The sampler draws every position's token as plain
+  decoding would and the MTP's argmax drafts are accepted while they equal the draws:
+  exact for any sampler, with lower acceptance than the rejection rule.
+
+Rollback: attention caches move their offset back. DeltaNet caches record, during the
+verify pass, the conv input and the recurrent state after each token of the block
+(``DeltaNetCache.record_steps``), so dropping rejected tokens is an index, not a
+recomputation (benchmarks/README.md has the measurements behind this choice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
+
+from .cache import DeltaNetCache
+from .errors import CheckpointError
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+@dataclass
+class SamplerSpec:
+    """mlx-lm's ``make_sampler`` parameters, kept so speculative sampling can compute the
+    distribution the sampler draws from. Callable as a sampler (logprobs -> tokens), so
+    one object serves plain and speculative decoding."""
+
+    temp: float = 0.0
+    top_p: float = 0.0
+    min_p: float = 0.0
+    top_k: int = 0
+    min_tokens_to_keep: int = 1
+    _sample: Callable[[mx.array], mx.array] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._sample = make_sampler(
+            temp=self.temp, top_p=self.top_p, min_p=self.min_p,
+            min_tokens_to_keep=self.min_tokens_to_keep, top_k=self.top_k,
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temp == 0
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        return self._sample(logprobs)
+
+    def probs(self, logprobs: mx.array) -> mx.array:
+        """The distribution ``self(logprobs)`` samples from, per row (filters in make_sampler's order)."""
+        if self.greedy:
+            return (mx.arange(logprobs.shape[-1]) == mx.argmax(logprobs, axis=-1, keepdims=True)).astype(mx.float32)
+        x = logprobs
+        if 0 < self.top_p < 1.0:
+            x = apply_top_p(x, self.top_p)
+        if self.min_p != 0.0:
+            x = apply_min_p(x, self.min_p, self.min_tokens_to_keep)
+        if self.top_k > 0:
+            x = apply_top_k(x, self.top_k)
+        return mx.softmax(x.astype(mx.float32) * (1.0 / self.temp), axis=-1)
+
+
+@dataclass
+class SpecStats:
+    """Counts of one speculative generation. A round is one main-model forward after prefill."""
+
+    draft_tokens: int = 0
+    rounds: int = 0
+    tokens: int = 0  # tokens the rounds produced (the first token comes from prefill)
+    drafted: List[int] = field(default_factory=list)  # per draft position: rounds that drafted it
+    accepted: List[int] = field(default_factory=list)  # per draft position: rounds that accepted it
+
+    def record(self, n_drafted: int, n_accepted: int, n_tokens: int) -> None:
+        grow = n_drafted - len(self.drafted)
+        if grow > 0:
+            self.drafted += [0] * grow
+            self.accepted += [0] * grow
+        for j in range(n_drafted):
+            self.drafted[j] += 1
+            self.accepted[j] += j < n_accepted
+        self.rounds += 1
+        self.tokens += n_tokens
+
+    @property
+    def acceptance_rate(self) -> float:
+        return sum(self.accepted) / max(sum(self.drafted), 1)
+
+    @property
+    def acceptance_by_position(self) -> List[float]:
+        """Share of rounds whose drafts 1..j were all accepted (vLLM's per-position rate)."""
+        return [a / max(d, 1) for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / max(self.rounds, 1)
+
+    def __str__(self) -> str:
+        positions = ", ".join(f"{r:.0%}" for r in self.acceptance_by_position)
+        return (
+            f"MTP speculative decoding: {self.draft_tokens} draft tokens, acceptance {self.acceptance_rate:.1%} "
+            f"(by position: {positions}), {self.tokens_per_forward:.2f} tokens per main-model forward "
+            f"({self.tokens} tokens in {self.rounds} forwards after prefill)"
+        )
+
+
+def _process(logits: mx.array, history: Optional[mx.array], processors: Sequence[LogitsProcessor]) -> mx.array:
+    """Logits processors then log-softmax, for one (1, V) row, as mlx-lm's generate_step does."""
+    for processor in processors:
+        logits = processor(history, logits)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _first_rejection(accept: List[bool]) -> int:
+    return next((j for j, ok in enumerate(accept) if not ok), len(accept))
+
+
+def mtp_generate_step(
+    prompt: mx.array,
+    model: Any,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[LogitsProcessor]] = None,
+    prefill_step_size: int = 2048,
+    draft_tokens: int = 2,
+    stats: Optional[SpecStats] = None,
+) -> Iterator[Tuple[int, mx.array, bool]]:
+    """Generate from ``prompt`` (1-D token ids) with MTP drafts; yields (token, logprobs, from_draft).
+
+    logprobs is the main model's (V,) log-distribution after ``logits_processors`` at the
+    position that produced the token, as mlx-lm's generate_step yields it. ``max_tokens``
+    < 0 generates without end. ``stats``, if given, is filled in as generation goes.
+    """
+    if not getattr(model, "has_mtp", False):
+        raise CheckpointError("the model has no MTP head (no mtp.* tensors in its checkpoint): run without --mtp")
+    if draft_tokens < 1:
+        raise ValueError(f"draft_tokens must be at least 1, not {draft_tokens}")
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty")
+    processors = list(logits_processors or [])
+    sample = sampler or mx.argmax
+    rejection = isinstance(sampler, SamplerSpec) and not sampler.greedy
+    greedy = sampler is None or (isinstance(sampler, SamplerSpec) and sampler.greedy)
+    stats = stats if stats is not None else SpecStats()
+    stats.draft_tokens = draft_tokens
+
+    cache = model.make_cache()
+    mtp_cache = model.make_mtp_cache()
+    embed = model.language_model.model.embed_tokens
+    prompt = prompt.astype(mx.uint32)
+    history = prompt if processors else None
+
+    def mtp(hidden: mx.array, next_tokens: mx.array) -> mx.array:
+        return model.mtp(hidden, embed(next_tokens)[None], mtp_cache)
+
+    def draw(logprobs: mx.array) -> mx.array:
+        return mx.argmax(logprobs, axis=-1) if greedy else sample(logprobs)
+
+    # Prefill. MTP slots pair each hidden with the next prompt token, so every chunk but the
+    # last runs its slots at once; the last chunk's wait for the first sampled token.
+    n = prompt.size
+    for start in range(0, n, prefill_step_size):
+        end = min(start + prefill_step_size, n)
+        hidden = model.hidden(prompt[None, start:end], cache)
+        if end < n:
+            mtp(hidden, prompt[start + 1 : end + 1])
+            mx.eval([c.state for c in cache + mtp_cache])
+            mx.clear_cache()
+    logprobs = _process(model.logits(hidden[:, -1]), history, processors)
+    y = draw(logprobs).reshape(1)
+    mx.eval(y, logprobs)
+    yield y.item(), logprobs[0], False
+    pending_hidden, pending_tokens = hidden, mx.concatenate([prompt[start + 1 :], y])
+    for c in cache:
+        if isinstance(c, DeltaNetCache):
+            c.record_steps = True
+
+    generated = 1
+    while max_tokens < 0 or generated < max_tokens:
+        n_draft = draft_tokens if max_tokens < 0 else min(draft_tokens, max_tokens - generated - 1)
+        if history is not None:
+            history = mx.concatenate([history, y])
+
+        # Draft: the first MTP call also catches up on the slots accepted last round.
+        drafts: List[mx.array] = []
+        draft_probs: List[mx.array] = []
+        if n_draft:
+            g = mtp(pending_hidden, pending_tokens)[:, -1:]
+        for j in range(n_draft):
+            lp = _process(model.logits(g[:, -1]), _extend(history, drafts), processors)
+            if rejection:
+                p = sampler.probs(lp)
+                d = mx.random.categorical(mx.log(p)).astype(mx.uint32).reshape(1)
+                draft_probs.append(p)
+            else:
+                d = mx.argmax(lp, axis=-1).reshape(1)
+            drafts.append(d)
+            if j + 1 < n_draft:
+                g = mtp(g, d)
+
+        # Verify all drafts with one forward of the main model.
+        block = mx.concatenate([y, *drafts])
+        hidden = model.hidden(block[None], cache)
+        logits = model.logits(hidden[0])
+        rows = [_process(logits[i : i + 1], _extend(history, drafts[:i]), processors) for i in range(n_draft + 1)]
+        logprobs = mx.concatenate(rows, axis=0)
+        draft_ids = mx.concatenate(drafts) if drafts else mx.zeros((0,), mx.uint32)
+
+        if rejection:
+            q = sampler.probs(logprobs)
+            p = mx.concatenate(draft_probs, axis=0) if drafts else mx.zeros((0, q.shape[-1]))
+            cols = draft_ids[:, None].astype(mx.int32)
+            q_d = mx.take_along_axis(q[:n_draft], cols, axis=-1)[:, 0]
+            p_d = mx.take_along_axis(p, cols, axis=-1)[:, 0]
+            accept = mx.random.uniform(shape=(n_draft,)) * p_d < q_d
+            # Row j < k: the residual max(q - p, 0) a rejection at j samples from; row k: the bonus.
+            residual = mx.concatenate([mx.maximum(q[:n_draft] - p, 0.0), q[n_draft:]], axis=0)
+            fallback = mx.random.categorical(mx.log(residual))
+            mx.eval(accept, fallback, draft_ids, logprobs)
+            a = _first_rejection(accept.tolist())
+            nxt = fallback[a : a + 1].astype(mx.uint32)
+        else:
+            targets = draw(logprobs)
+            mx.eval(targets, draft_ids, logprobs)
+            t, d = targets.tolist(), draft_ids.tolist()
+            a = _first_rejection([t[j] == d[j] for j in range(n_draft)])
+            nxt = targets[a : a + 1]
+
+        stats.record(n_draft, a, a + 1)
+        accepted = draft_ids[:a]
+        for j, token in enumerate(accepted.tolist()):
+            generated += 1
+            yield token, logprobs[j], True
+        generated += 1
+        yield nxt.item(), logprobs[a], False
+
+        for c in cache:
+            c.trim(n_draft - a)
+        for c in mtp_cache:
+            c.trim(max(n_draft - 1, 0))
+        if history is not None and a:
+            history = mx.concatenate([history, accepted])
+        pending_hidden = hidden[:, : a + 1]
+        pending_tokens = mx.concatenate([accepted, nxt])
+        y = nxt
+
+
+def _extend(history: Optional[mx.array], tokens: List[mx.array]) -> Optional[mx.array]:
+    """The token history a logits processor sees after ``tokens`` (None when no processors run)."""
+    if history is None or not tokens:
+        return history
+    return mx.concatenate([history, *tokens])
