@@ -1,0 +1,357 @@
+"""What the benchmarks share: the machine report, model shapes, random quantized checkpoints, timing.
+
+Random checkpoints are generated directly in quantized form (random packed
+uint32 codes with scales/biases chosen so every weight has std ~ 1/sqrt(fan_in))
+and written tensor by tensor to mlx-lm's ``qwen3_5_moe`` layout, one decoder
+layer per shard: nothing larger than one tensor is ever held in float. The
+per-module (bits, group_size) come from a ``Recipe``, so the memory benchmark
+can swap mlx-lm's default for the converter's plan.
+"""
+
+from __future__ import annotations
+
+# Imported before mlx.core on purpose: the package may preload an optimised BLAS.
+import mlx_qwenmoe  # noqa: F401  isort: skip
+
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlx_qwenmoe.config import ModelArgs
+from mlx_qwenmoe.model import Model
+
+CACHE_ROOT = Path(os.environ.get("MLX_QWENMOE_BENCH_CACHE", "~/.cache/mlx_qwenmoe/bench")).expanduser()
+
+# (bits, group_size) for one module, or None to keep it in floating point.
+QuantSpec = Optional[Tuple[int, int]]
+# Decides a module's QuantSpec from its path and the module (built lazily, never evaluated).
+Recipe = Callable[[str, nn.Module], QuantSpec]
+
+_TINY = dict(
+    hidden_size=128, num_hidden_layers=8, vocab_size=1024,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+    num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+)
+# The real Qwen3.5-35B-A3B layer shapes; only the depth and the vocabulary differ between these two.
+_A3B = dict(
+    hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+    linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+    num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+)
+SHAPES: Dict[str, Dict[str, int]] = {
+    "tiny": _TINY,
+    "a3b-4l": dict(_A3B, num_hidden_layers=4, vocab_size=32000),
+    "a3b-full": dict(_A3B, num_hidden_layers=40, vocab_size=248320),
+}
+
+
+def hf_config(shape: str) -> Dict[str, Any]:
+    """A Hugging Face style ``config.json`` (``text_config`` nested) for one of ``SHAPES``."""
+    text = dict(
+        SHAPES[shape],
+        model_type="qwen3_5_moe_text",
+        full_attention_interval=4,
+        linear_conv_kernel_dim=4,
+        rms_norm_eps=1e-6,
+        norm_topk_prob=True,
+        max_position_embeddings=262144,
+        rope_parameters={
+            "rope_type": "default", "rope_theta": 10_000_000, "partial_rotary_factor": 0.25,
+            "mrope_section": [11, 11, 10], "mrope_interleaved": True,
+        },
+        tie_word_embeddings=False,
+    )
+    return {"model_type": "qwen3_5_moe", "tie_word_embeddings": False, "text_config": text, "eos_token_id": [2]}
+
+
+def mlx_lm_recipe(path: str, module: nn.Module) -> QuantSpec:
+    """mlx-lm's default 4-bit group-64 recipe for this model: routers at 8 bits, the rest at 4."""
+    if module.weight.shape[-1] % 64:
+        return None
+    if path.endswith("mlp.gate") or path.endswith("shared_expert_gate"):
+        return (8, 64)
+    return (4, 64)
+
+
+def lazy_model(config: Dict[str, Any]) -> Model:
+    """Our model with this config's shapes; parameters stay unevaluated, so any size is cheap."""
+    return Model(ModelArgs.from_config(config))
+
+
+def quant_plan(model: nn.Module, recipe: Recipe) -> Dict[str, QuantSpec]:
+    """The recipe's decision for every quantizable module (Linear, Embedding, SwitchLinear)."""
+    return {
+        path: recipe(path, m)
+        for path, m in model.named_modules()
+        if hasattr(m, "to_quantized") and path
+    }
+
+
+def quantization_section(plan: Dict[str, QuantSpec], default: Tuple[int, int] = (4, 64)) -> Dict[str, Any]:
+    """mlx-lm's ``quantization`` config: defaults plus an entry for every module that differs."""
+    section: Dict[str, Any] = {"group_size": default[1], "bits": default[0], "mode": "affine"}
+    for path, spec in plan.items():
+        if spec is not None and spec != default:
+            section[path] = {"group_size": spec[1], "bits": spec[0], "mode": "affine"}
+    return section
+
+
+def parameter_shapes(config: Dict[str, Any], plan: Dict[str, QuantSpec]) -> List[Tuple[str, Tuple[int, ...], mx.Dtype]]:
+    """Name, shape and dtype of every stored tensor once ``plan`` is applied (computed lazily)."""
+    model = lazy_model(config)
+    specs = {p: s for p, s in plan.items() if s is not None}
+    nn.quantize(
+        model,
+        class_predicate=lambda p, m: {"bits": specs[p][0], "group_size": specs[p][1]} if p in specs else False,
+    )
+    return [(k, tuple(v.shape), v.dtype) for k, v in tree_flatten(model.parameters())]
+
+
+def planned_bytes(shapes: Sequence[Tuple[str, Tuple[int, ...], mx.Dtype]], float_dtype: mx.Dtype) -> int:
+    """Bytes on disk (and in memory) of a checkpoint whose float tensors are ``float_dtype``."""
+    total = 0
+    for name, shape, dtype in shapes:
+        dt = dtype if dtype == mx.uint32 or name.endswith("A_log") else float_dtype
+        total += math.prod(shape) * dt.size
+    return total
+
+
+# --- random tensors -------------------------------------------------------------------------
+
+_ST_DTYPE = {mx.uint32: "U32", mx.float32: "F32", mx.bfloat16: "BF16", mx.float16: "F16"}
+
+
+def _rng(name: str) -> np.random.Generator:
+    # Seeded by the name, so a tensor's scales and biases agree without keeping either.
+    return np.random.Generator(np.random.SFC64(zlib.crc32(name.encode())))
+
+
+def _to_dtype(x: np.ndarray, dtype: mx.Dtype) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == mx.bfloat16:  # numpy has no bfloat16: keep the top half of each float32
+        return (x.view(np.uint32) >> 16).astype(np.uint16)
+    return x.astype(np.float16) if dtype == mx.float16 else x
+
+
+def _scale(name: str, shape: Tuple[int, ...], bits: int, group_size: int) -> np.ndarray:
+    """Per-group scales giving weights of std ~ 1/sqrt(fan_in), varied +-10% so groups differ."""
+    fan_in = shape[-1] * group_size
+    code_std = math.sqrt((4**bits - 1) / 12)  # std of a uniform code in [0, 2^bits - 1]
+    base = 1.0 / (code_std * math.sqrt(fan_in))
+    return base * _rng(name.rsplit(".", 1)[0]).uniform(0.9, 1.1, size=shape).astype(np.float32)
+
+
+def random_tensor(name: str, shape: Tuple[int, ...], dtype: mx.Dtype, plan: Dict[str, QuantSpec]) -> np.ndarray:
+    """A plausible random value for one stored tensor, already in its on-disk dtype."""
+    module = name.rsplit(".", 1)[0]
+    if dtype == mx.uint32:
+        return _rng(name).integers(0, 2**32, size=shape, dtype=np.uint32)
+    if name.endswith((".scales", ".biases")):
+        bits, group_size = plan[module]
+        s = _scale(name, shape, bits, group_size)
+        out = s if name.endswith(".scales") else -s * (2**bits - 1) / 2  # centre codes on zero
+        return _to_dtype(out, dtype)
+    if name.endswith("A_log"):
+        return np.log(_rng(name).uniform(1.0, 16.0, size=shape)).astype(np.float32)
+    if name.endswith(("norm.weight", "layernorm.weight", "dt_bias")):
+        return _to_dtype(np.ones(shape, np.float32), dtype)  # offset norms are stored as 1 + w
+    if name.endswith("conv1d.weight"):
+        return _to_dtype(_rng(name).uniform(-0.5, 0.5, size=shape), dtype)
+    return _to_dtype(_rng(name).normal(0.0, shape[-1] ** -0.5, size=shape), dtype)
+
+
+def _write_safetensors(path: Path, entries: List[Tuple[str, Tuple[int, ...], mx.Dtype]], make: Callable) -> None:
+    """Stream tensors into a safetensors file one at a time (header first, from the shapes)."""
+    header: Dict[str, Any] = {}
+    offset = 0
+    for name, shape, dtype in entries:
+        n = math.prod(shape) * dtype.size
+        header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "mlx"}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape, dtype in entries:
+            data = make(name, shape, dtype)
+            assert data.nbytes == math.prod(shape) * dtype.size, name
+            f.write(memoryview(data).cast("B"))
+            del data
+    tmp.rename(path)
+
+
+def _shard_of(name: str) -> str:
+    parts = name.split(".")
+    return f"model-layer{int(parts[3]):03d}" if parts[2] == "layers" else "model-globals"
+
+
+def ensure_checkpoint(
+    directory: Path,
+    config: Dict[str, Any],
+    recipe: Recipe,
+    float_dtype: mx.Dtype = mx.bfloat16,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Generate (once) a random quantized checkpoint in ``directory``; reuses it when complete.
+
+    The index is written last, so an interrupted run regenerates instead of loading a partial one.
+    """
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    plan = quant_plan(lazy_model(config), recipe)
+    shapes = parameter_shapes(config, plan)
+    dtypes = {n: (d if d == mx.uint32 or n.endswith("A_log") else float_dtype) for n, _, d in shapes}
+    shards: Dict[str, List[Tuple[str, Tuple[int, ...], mx.Dtype]]] = {}
+    for name, shape, _ in shapes:
+        shards.setdefault(_shard_of(name), []).append((name, shape, dtypes[name]))
+    log(f"generating {planned_bytes(shapes, float_dtype) / 1e9:.2f} GB of random weights in {directory} ...")
+    make = lambda n, s, d: random_tensor(n, s, d, plan)  # noqa: E731
+    weight_map = {}
+    for shard, entries in sorted(shards.items()):
+        fname = f"{shard}.safetensors"
+        _write_safetensors(directory / fname, entries, make)
+        weight_map.update({name: fname for name, _, _ in entries})
+    full = dict(config, quantization=quantization_section(plan))
+    (directory / "config.json").write_text(json.dumps(full, indent=1))
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    return directory
+
+
+# --- machine report, timing, tables -------------------------------------------------------
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_report() -> str:
+    """Whether MLX's CPU matmul runs on an optimised BLAS: the library mapped in, and a timed sgemm.
+
+    numpy's bundled ``scipy_openblas`` exports only suffixed symbols, so MLX cannot use it: ignored.
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    names = {Path(line.split()[-1]).name for line in maps.splitlines() if line.count("/")}
+    libs = sorted(n for n in names if any(t in n.lower() for t in ("openblas", "mkl_rt", "blis")) and "scipy_openblas" not in n)
+    a = mx.random.normal((1024, 1024))
+    mx.eval(a)
+    secs = min(timed(lambda: mx.eval(a @ a)) for _ in range(2))
+    return f"{', '.join(libs) or 'none mapped (MLX wheel reference BLAS)'}; MLX fp32 1024^3 matmul {secs * 1e3:.0f} ms"
+
+
+def machine_report() -> str:
+    """Date, machine, and versions: printed at the top of every benchmark."""
+    import mlx_lm
+
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return "\n".join([
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"machine: {platform.system()} {platform.machine()}, {_cpu_name()}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM",
+        f"mlx {mx.__version__} (device {mx.default_device()}), mlx-lm {mlx_lm.__version__}, numpy {np.__version__}, "
+        f"python {platform.python_version()}",
+        f"BLAS: {blas_report()}",
+    ])
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds to run ``fn`` (which must evaluate what it builds)."""
+    import time
+
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def alternate(runs: Dict[str, Callable[[], float]], repeats: int) -> Dict[str, List[float]]:
+    """Call each run ``repeats`` times, interleaved and with the order flipped every round
+    (so drift in a shared machine's load hits all of them alike); returns their results."""
+    out: Dict[str, List[float]] = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(repeats):
+        for k in names if r % 2 == 0 else names[::-1]:
+            out[k].append(runs[k]())
+    return out
+
+
+def min_median(values: Sequence[float]) -> Tuple[float, float]:
+    return min(values), statistics.median(values)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-markdown table (pastes straight into benchmarks/README.md)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_bytes() -> int:
+    """MemAvailable: what can still be allocated without pushing other jobs into swap/OOM."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def clone_cache(cache: Sequence[Any]) -> List[Any]:
+    """An independent copy of a per-layer cache list: KVCache writes into its buffers in place,
+    so its arrays are copied; ArraysCache only rebinds list entries, so a new list suffices."""
+    out = []
+    for c in cache:
+        c2 = copy.copy(c)
+        if hasattr(c, "keys") and c.keys is not None:
+            c2.keys, c2.values = mx.array(c.keys), mx.array(c.values)
+        if hasattr(c, "cache"):
+            c2.cache = list(c.cache)
+        out.append(c2)
+    return out
+
+
+def cache_state(cache: Sequence[Any]) -> List[Any]:
+    return [c.state for c in cache]
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def iter_layers(n: int, chunk: int) -> Iterator[Tuple[int, int]]:
+    for s in range(0, n, chunk):
+        yield s, min(n, s + chunk)
