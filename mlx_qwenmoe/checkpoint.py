@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -42,6 +42,21 @@ _QKVZ = re.compile(r"^(.*\.linear_attn)\.in_proj_(qkvz|ba)\.(weight|scales|biase
 
 def is_vision_key(key: str) -> bool:
     return key.startswith(VISION_PREFIXES)
+
+
+def per_expert_key(key: str) -> Optional[Tuple[str, int, str]]:
+    """(mlp prefix, expert index, projection) of a per-expert tensor name, else None."""
+    m = _PER_EXPERT.match(rename(key))
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def rows_independent(key: str) -> bool:
+    """Whether ``hf_to_mlx`` of rows a:b (axis 0) of this tensor gives rows a:b of its mapping.
+
+    True except for Qwen3-Next's fused projections, whose rows are regrouped across heads;
+    a streaming converter can then map big tensors in row chunks.
+    """
+    return not _QKVZ.match(rename(key))
 
 
 def rename(key: str) -> str:

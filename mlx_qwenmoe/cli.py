@@ -21,3 +21,8 @@ class _Group(click.Group):
 @click.version_option(package_name="mlx_qwenmoe")
 def main() -> None:
     """Run Qwen3.5 mixture-of-experts models with MLX."""
+
+
+from mlx_qwenmoe.convert.cli import convert_command  # noqa: E402  the converter lives in its own package
+
+main.add_command(convert_command, name="convert")

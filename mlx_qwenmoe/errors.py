@@ -15,3 +15,7 @@ class CheckpointError(QwenMoeError, ValueError):
 
 class ModelNotFoundError(QwenMoeError, FileNotFoundError):
     """Neither a local directory nor a reachable Hugging Face repository."""
+
+
+class OutputError(QwenMoeError, OSError):
+    """An output directory exists, cannot be written, or has too little free space."""
