@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import click
 
 from .errors import QwenMoeError
@@ -21,6 +23,89 @@ class _Group(click.Group):
 @click.version_option(package_name="mlx_qwenmoe")
 def main() -> None:
     """Run Qwen3.5 mixture-of-experts models with MLX."""
+
+
+@main.command("generate")
+@click.option("--model", "model_path", default=None, help="Model directory or Hugging Face repo id. [default: the bundled demo model]")
+@click.option("--prompt", default=None, help="Prompt text; omitted or '-' reads it from stdin.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 keeps every token.")
+@click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Penalty on the last 20 tokens, e.g. 1.1.")
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--chat/--no-chat", default=None, help="Apply the checkpoint's chat template. [default: when it has one]")
+@click.option("--think/--no-think", default=None, help="Qwen3.5 thinking switch (enable_thinking) of the chat template.")
+@click.option("--system", default=None, help="System message (chat mode).")
+@click.option("--stop", multiple=True, help="Stop before this text; may be repeated.")
+@click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--mtp/--no-mtp", default=False, show_default=True, help="Speculative decoding with the checkpoint's MTP head.")
+@click.option("--draft-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Tokens drafted per step with --mtp.")
+def generate_command(
+    model_path: Optional[str],
+    prompt: Optional[str],
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: Optional[float],
+    seed: Optional[int],
+    chat: Optional[bool],
+    think: Optional[bool],
+    system: Optional[str],
+    stop: Tuple[str, ...],
+    prefill_step_size: int,
+    mtp: bool,
+    draft_tokens: int,
+) -> None:
+    """Generate text from a prompt, streaming it to stdout; the stats line goes to stderr."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    from .api import chat_prompt, load
+    from .generate import format_stats, stream_generate
+
+    if prompt is None or prompt == "-":
+        stdin = click.get_text_stream("stdin")
+        if stdin.isatty():
+            raise click.UsageError("give --prompt or pipe the prompt on stdin")
+        prompt = stdin.read()
+    model, tokenizer = load(model_path)
+    if chat is None:
+        chat = tokenizer.has_chat_template
+    if chat:
+        if not tokenizer.has_chat_template:
+            raise click.UsageError("--chat: the checkpoint's tokenizer has no chat template")
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        prompt = chat_prompt(tokenizer, messages, enable_thinking=think)
+    elif system is not None or think is not None:
+        raise click.UsageError("--system and --think/--no-think need --chat")
+    if mtp and not model.has_mtp:
+        raise click.UsageError("--mtp: the checkpoint has no multi-token-prediction head")
+    if seed is not None:
+        mx.random.seed(seed)
+
+    response = None
+    for response in stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens,
+        sampler=make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k),
+        logits_processors=make_logits_processors(repetition_penalty=repetition_penalty),
+        prefill_step_size=prefill_step_size,
+        stop=stop,
+        mtp=mtp,
+        draft_tokens=draft_tokens,
+    ):
+        click.echo(response.text, nl=False)
+    click.echo()
+    if response is not None:
+        click.echo(format_stats(response), err=True)
 
 
 from mlx_qwenmoe.convert.cli import convert_command  # noqa: E402  the converter lives in its own package

@@ -128,6 +128,78 @@ def reference_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
         return model(torch.tensor(ids)).logits.float().numpy()
 
 
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_TOKENS = ["<think>", "</think>"]
+# Qwen3.5's switch: thinking opens the assistant turn with <think>, no-thinking with an empty block.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else %}"
+    "{{- '<think>\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+_WORDS = (
+    "the a model token expert router layer hello world user assistant system prompt answer "
+    "question think fast small mixture of experts gated delta attention cache stream text"
+).split()
+
+
+def _corpus(lines: int = 400) -> list:
+    """Fixed text: the same on every run, so the tokenizer (and its ids) is too."""
+    n = len(_WORDS)
+    return [" ".join(_WORDS[(i * j + j) % n] for j in range(1, 10)) + f", {i}.\n" for i in range(lines)]
+
+
+def make_tokenizer(out_dir: Path, vocab_size: int = 300) -> Dict[str, int]:
+    """Write a byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json with a Qwen-style
+    chat template) and generation_config.json (eos: <|im_end|>, <|endoftext|>) into ``out_dir``.
+
+    ``vocab_size`` must not exceed the model's, and is at least 256 bytes + 5 added tokens.
+    Returns the ids of the added tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS + THINK_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    out_dir = Path(out_dir)
+    tok.save(str(out_dir / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + THINK_TOKENS}
+    added = {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                 "special": t in SPECIAL_TOKENS}
+        for t, i in ids.items()
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    generation_config = {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+    return ids
+
+
 def add_mtp(model_dir: Path, seed: int = 1) -> None:
     """Give a checkpoint from ``make_checkpoint`` a random MTP head, as official checkpoints ship:
     ``mtp.fc.weight`` (H, 2H), the three ``mtp.*`` offset norms, and ``mtp.layers.0.*`` named

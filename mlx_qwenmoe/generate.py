@@ -1,0 +1,240 @@
+"""Text generation: chunked prefill, then one token per step, streamed as text with running stats.
+
+The conventions are mlx-lm's (``generate_step`` / ``stream_generate`` / ``generate``,
+``GenerationResponse``, samplers that take log-probabilities, logits processors that take
+the token history), so code written against mlx-lm's API runs against ours.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.sample_utils import greedy_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+__all__ = [
+    "GenerationResponse",
+    "StopStrings",
+    "format_stats",
+    "generate",
+    "generate_step",
+    "prefill",
+    "stream_generate",
+]
+
+
+def prefill(model: nn.Module, tokens: mx.array, cache: List[Any], prefill_step_size: int = 2048) -> None:
+    """Run ``tokens`` (1-D) into ``cache``, ``prefill_step_size`` tokens at a time.
+
+    Only the hidden states are asked for, and evaluating the cache state after each chunk
+    lets MLX free that chunk's activations, so peak memory is the caches plus one chunk
+    whatever the prompt length.
+    """
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be at least 1, not {prefill_step_size}")
+    for start in range(0, tokens.size, prefill_step_size):
+        model.hidden(tokens[None, start : start + prefill_step_size], cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+
+
+def generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Sampler] = None,
+    logits_processors: Optional[List[LogitsProcessor]] = None,
+    prefill_step_size: int = 2048,
+    cache: Optional[List[Any]] = None,
+) -> Iterator[Tuple[int, mx.array]]:
+    """Yield up to ``max_tokens`` (token, log-probabilities over the vocabulary) pairs.
+
+    ``cache`` (from ``model.make_cache()``) is updated in place; once a token has been
+    yielded the cache holds the prompt and every token yielded so far, so a caller can
+    continue a conversation from it.
+    """
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError(f"prompt must be a non-empty 1-D array of token ids, got shape {tuple(prompt.shape)}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
+    sampler = sampler or greedy_sampler
+    cache = model.make_cache() if cache is None else cache
+    history = prompt
+
+    def step(tokens: mx.array) -> Tuple[mx.array, mx.array]:
+        logits = model(tokens[None], cache=cache)[:, -1, :]
+        for processor in logits_processors or ():
+            logits = processor(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    prefill(model, prompt[:-1], cache, prefill_step_size)
+    y, logprobs = step(prompt[-1:])
+    mx.async_eval(y, logprobs)
+    for n in range(max_tokens):
+        # Queue the next step before handing this token out, so the device works while
+        # the caller detokenizes; it also puts y in the cache before anyone sees it.
+        if logits_processors:
+            history = mx.concatenate([history, y])
+        next_y, next_logprobs = step(y)
+        mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        if n % 256 == 255:
+            mx.clear_cache()
+        y, logprobs = next_y, next_logprobs
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string, holding back any tail that could still
+    become one, so a stop string is never shown (not even its first characters)."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> Tuple[str, bool]:
+        """The text safe to show now, and whether a stop string was reached."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = max(
+            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),
+            default=0,
+        )
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def _prompt_ids(tokenizer: TokenizerWrapper, prompt: Union[str, Sequence[int], mx.array]) -> mx.array:
+    if isinstance(prompt, mx.array):
+        return prompt
+    if isinstance(prompt, str):
+        # As mlx-lm: add the tokenizer's special tokens unless the text already starts with BOS.
+        bos = tokenizer.bos_token
+        prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    return mx.array(list(prompt), dtype=mx.uint32)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: Union[str, Sequence[int], mx.array],
+    max_tokens: int = 256,
+    *,
+    sampler: Optional[Sampler] = None,
+    logits_processors: Optional[List[LogitsProcessor]] = None,
+    prefill_step_size: int = 2048,
+    cache: Optional[List[Any]] = None,
+    stop: Sequence[str] = (),
+    mtp: bool = False,
+    draft_tokens: int = 2,
+) -> Iterator[GenerationResponse]:
+    """Yield one ``GenerationResponse`` per generated token, the last with ``finish_reason``
+    "stop" (an EOS token of the checkpoint or a ``stop`` string) or "length".
+
+    ``text`` never contains the EOS token or a stop string. ``mtp`` drafts ``draft_tokens``
+    tokens ahead with the checkpoint's multi-token-prediction head and verifies them.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    prompt = _prompt_ids(tokenizer, prompt)
+    options = dict(
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        prefill_step_size=prefill_step_size,
+    )
+    if mtp:
+        if cache is not None:
+            raise ValueError("mtp=True does not continue from a given cache")
+        from .speculative import mtp_generate_step
+
+        tokens = mtp_generate_step(prompt, model, draft_tokens=draft_tokens, **options)
+    else:
+        tokens = ((t, lp, False) for t, lp in generate_step(prompt, model, cache=cache, **options))
+
+    detokenizer = tokenizer.detokenizer
+    stops = StopStrings(stop)
+    eos = tokenizer.eos_token_ids
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    for n, (token, logprobs, from_draft) in enumerate(tokens):
+        if n == 0:
+            prompt_tps = prompt.size / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        finish_reason = None
+        if token in eos:
+            finish_reason = "stop"
+        else:
+            detokenizer.add_token(token)
+            if n + 1 == max_tokens:
+                finish_reason = "length"
+        if finish_reason:
+            detokenizer.finalize()
+        text, hit = stops.feed(detokenizer.last_segment)
+        if hit:
+            finish_reason = "stop"
+        elif finish_reason:
+            text += stops.flush()
+        yield GenerationResponse(
+            text=text,
+            token=token,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=prompt.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / (time.perf_counter() - tic),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish_reason,
+        )
+        if finish_reason:
+            return
+
+
+def format_stats(response: GenerationResponse) -> str:
+    """The one-line summary printed after a generation."""
+    return (
+        f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s | "
+        f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s | "
+        f"Peak memory: {response.peak_memory:.3f} GB"
+    )
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: Union[str, Sequence[int], mx.array],
+    *,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """The whole generated text; ``kwargs`` go to ``stream_generate``. ``verbose`` streams
+    the text to stdout and ends with the stats line, as mlx-lm does."""
+    pieces = []
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        pieces.append(response.text)
+        if verbose:
+            print(response.text, end="", flush=True)
+    if verbose and response is not None:
+        print()
+        print(format_stats(response))
+    return "".join(pieces)
