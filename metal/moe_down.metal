@@ -24,7 +24,7 @@ if (d0 >= D) {
   return;
 }
 const int nrows = min(NR, D - d0);
-const device float* hn = h + size_t(n) * H;
+const auto hn = h + size_t(n) * H;
 
 float acc[NR] = {0.0f};
 for (int j = 0; j < K; ++j) {

@@ -23,7 +23,7 @@ const int IS = 0;
 #endif
 const int sbps = (IS + NR - 1) / NR;
 const int H = K * I + IS;
-const device T* xn = x + size_t(n) * D;
+const auto xn = x + size_t(n) * D;
 
 float g[NR] = {0.0f};
 float u[NR] = {0.0f};

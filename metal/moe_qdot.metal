@@ -17,14 +17,16 @@ struct QLayout {
 
 // Adds to acc[r] this lane's share of dot(row r, v) for r < nrows.
 // w/scales/biases point at row 0; rows are contiguous ((len / PER_WORD) words,
-// (len / GS) groups each). The caller simd_sums acc.
-template <int BITS, int GS, int NR, typename V, typename S>
+// (len / GS) groups each). The caller simd_sums acc. Pointer types are template
+// parameters because mx.fast.metal_kernel binds inputs of fewer than 8 elements
+// in the constant address space and larger ones in device.
+template <int BITS, int GS, int NR, typename VP, typename WP, typename SP>
 METAL_FUNC void qrows_dot(
-    const device V* v,
+    VP v,
     int len,
-    const device uint32_t* w,
-    const device S* scales,
-    const device S* biases,
+    WP w,
+    SP scales,
+    SP biases,
     int nrows,
     uint lane,
     thread float* acc) {
@@ -42,7 +44,7 @@ METAL_FUNC void qrows_dot(
     const int group = d0 / GS;
     for (int r = 0; r < NR; ++r) {
       if (r < nrows) {
-        const device uint32_t* wr = w + r * words_per_row + word0;
+        const auto wr = w + r * words_per_row + word0;
         float qsum = 0.0f;
         for (int k = 0; k < 2; ++k) {
           const uint32_t word = wr[k];
