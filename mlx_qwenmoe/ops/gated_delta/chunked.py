@@ -1,0 +1,104 @@
+"""The gated delta rule in chunked WY/UT form, in pure MLX ops.
+
+Inside a chunk of C tokens the recurrence collapses to matmuls plus one unit
+lower-triangular inverse (``reference.py`` is the token-by-token definition).
+With gamma the in-chunk cumulative log decay and S (Dk, Dv) the state entering
+the chunk:
+
+    A = strict_tril(beta_i k_i.k_j e^(gamma_i - gamma_j));  T = (I + A)^-1
+    W = T (beta e^gamma K);  U = T (beta V);  V' = U - W S
+    O = (Q e^gamma) S + P V'   with P = tril(Q K^T e^(gamma_i - gamma_j))
+    S <- e^(gamma_C) S + (K e^(gamma_C - gamma))^T V'
+
+Everything that does not depend on S is computed for all chunks at once; the
+sequential loop over chunks then costs two matmuls per chunk because
+O = (Q e^gamma - P W) S + P U is folded ahead of it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+CHUNK = 64
+
+
+def _pad_time(x: mx.array, pad: int) -> mx.array:
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, pad)
+    return mx.pad(x, widths)
+
+
+def _split_chunks(x: mx.array, chunk: int, value_heads: int) -> mx.array:
+    """(B, N*C, H, ...) -> contiguous (N, B, Hk, n, C, ...), n = value_heads (1 for key heads).
+
+    Chunk-major, so that the sequential loop slices contiguous blocks.
+    """
+    B, TP, H = x.shape[:3]
+    rest = x.shape[3:]
+    x = x.reshape(B, TP // chunk, chunk, H // value_heads, value_heads, *rest)
+    order = (1, 0, 3, 4, 2) + tuple(range(5, x.ndim))
+    return mx.contiguous(x.transpose(order))
+
+
+def gated_delta_chunked(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    beta: mx.array,
+    state: Optional[mx.array] = None,
+    chunk: int = CHUNK,
+) -> Tuple[mx.array, mx.array]:
+    """Same contract as ``reference.gated_delta_recurrent``.
+
+    q, k: (B, T, Hk, Dk) normalised; v: (B, T, Hv, Dv) with Hv = n * Hk;
+    g (log-space decay), beta: (B, T, Hv); state: (B, Hv, Dv, Dk) float32 or None.
+    Returns o (B, T, Hv, Dv) in v's dtype and the final state (B, Hv, Dv, Dk) float32.
+    """
+    B, T, Hk, Dk = k.shape
+    Hv, Dv = v.shape[-2:]
+    n = Hv // Hk
+    N = -(-T // chunk)
+    out_dtype = v.dtype
+
+    # Padded tokens have k = v = beta = 0 and g = 0: they leave the state untouched.
+    q, k, v, g, beta = (_pad_time(x.astype(mx.float32), N * chunk - T) for x in (q, k, v, g, beta))
+    # Key-side tensors stay per key head, (N, B, Hk, 1, C, Dk), and broadcast over
+    # the n value heads that share them; value-side ones are (N, B, Hk, n, C, ...).
+    q, k = _split_chunks(q, chunk, 1), _split_chunks(k, chunk, 1)
+    v, g, beta = (_split_chunks(x, chunk, n) for x in (v, g, beta))
+
+    gamma = mx.cumsum(g, axis=-1)
+    idx = mx.arange(chunk)
+    # Mask before the exp: above the diagonal the difference is positive and may overflow.
+    decay = mx.exp(mx.where(idx[:, None] >= idx[None, :], gamma[..., :, None] - gamma[..., None, :], -mx.inf))
+    kt = k.swapaxes(-1, -2)
+    A = mx.where(mx.eye(chunk, dtype=mx.bool_), 1.0, beta[..., None] * (k @ kt) * decay)
+    # LAPACK's trtri runs on the CPU stream only; the matrices are tiny.
+    Tb = mx.linalg.tri_inv(A, upper=False, stream=mx.cpu) * beta[..., None, :]
+    e_gamma = mx.exp(gamma)[..., None]
+    W = (Tb * e_gamma.swapaxes(-1, -2)) @ k
+    U = Tb @ v
+    Kd_t = (k * mx.exp(gamma[..., -1:] - gamma)[..., None]).swapaxes(-1, -2)
+    d_last = mx.exp(gamma[..., -1])[..., None, None]
+
+    if state is None:
+        S = mx.zeros((B, Hk, n, Dk, Dv), dtype=mx.float32)
+    else:
+        S = state.astype(mx.float32).reshape(B, Hk, n, Dv, Dk).swapaxes(-1, -2)
+    # Only the state recursion is sequential; the outputs are one batched matmul after it.
+    states, v_news = [], []
+    for c in range(N):
+        states.append(S)
+        v_new = mx.addmm(U[c], W[c], S, alpha=-1.0)
+        v_news.append(v_new)
+        S = mx.addmm(d_last[c] * S, Kd_t[c], v_new)
+
+    P = (q @ kt) * decay
+    o = mx.addmm(P @ mx.stack(v_news), q * e_gamma, mx.stack(states))
+    o = o.transpose(1, 0, 4, 2, 3, 5).reshape(B, N * chunk, Hv, Dv)
+    return o[:, :T].astype(out_dtype), S.swapaxes(-1, -2).reshape(B, Hv, Dv, Dk)
