@@ -24,7 +24,7 @@ import statistics
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -300,8 +300,9 @@ def alternate(runs: Dict[str, Callable[[], float]], repeats: int) -> Dict[str, L
     return out
 
 
-def min_median(values: Sequence[float]) -> Tuple[float, float]:
-    return min(values), statistics.median(values)
+def best_median(rates: Sequence[float]) -> Tuple[float, float]:
+    """Best (highest) and median of a list of rates such as tokens/s."""
+    return max(rates), statistics.median(rates)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -351,7 +352,3 @@ def cache_state(cache: Sequence[Any]) -> List[Any]:
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
-
-def iter_layers(n: int, chunk: int) -> Iterator[Tuple[int, int]]:
-    for s in range(0, n, chunk):
-        yield s, min(n, s + chunk)
