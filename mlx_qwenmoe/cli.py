@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Tuple
 
 import click
@@ -68,10 +69,9 @@ def generate_command(
     from .generate import format_stats, stream_generate
 
     if prompt is None or prompt == "-":
-        stdin = click.get_text_stream("stdin")
-        if stdin.isatty():
+        if sys.stdin.isatty():
             raise click.UsageError("give --prompt or pipe the prompt on stdin")
-        prompt = stdin.read()
+        prompt = sys.stdin.read()
     model, tokenizer = load(model_path)
     if chat is None:
         chat = tokenizer.has_chat_template
