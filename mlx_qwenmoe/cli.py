@@ -84,8 +84,13 @@ def generate_command(
         prompt = chat_prompt(tokenizer, messages, enable_thinking=think)
     elif system is not None or think is not None:
         raise click.UsageError("--system and --think/--no-think need --chat")
-    if mtp and not model.has_mtp:
-        raise click.UsageError("--mtp: the checkpoint has no multi-token-prediction head")
+    if mtp:
+        from .speculative import SamplerSpec
+
+        # Speculative sampling needs the sampler's parameters, not just a function.
+        sampler = SamplerSpec(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    else:
+        sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
     if seed is not None:
         mx.random.seed(seed)
 
@@ -95,7 +100,7 @@ def generate_command(
         tokenizer,
         prompt,
         max_tokens,
-        sampler=make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k),
+        sampler=sampler,
         logits_processors=make_logits_processors(repetition_penalty=repetition_penalty),
         prefill_step_size=prefill_step_size,
         stop=stop,

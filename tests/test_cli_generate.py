@@ -13,7 +13,7 @@ import mlx_qwenmoe.api
 from mlx_qwenmoe import generate, load
 from mlx_qwenmoe.api import chat_prompt
 from mlx_qwenmoe.cli import main
-from tiny_models import make_checkpoint, make_tokenizer
+from tiny_models import add_mtp, make_checkpoint, make_tokenizer
 
 VOCAB = 300
 PROMPT = "hello world, the model"
@@ -107,6 +107,17 @@ def test_unknown_model_path():
 def test_options_that_need_chat_or_mtp(model_dir):
     assert_usage_error(run("--model", str(model_dir), "--prompt", "hi", "--no-chat", "--system", "x"), "--chat")
     assert_usage_error(run("--model", str(model_dir), "--prompt", "hi", "--mtp"), "--mtp")
+
+
+def test_mtp_greedy_output_equals_plain(tmp_path, model_dir):
+    """--mtp --draft-tokens reach the speculative loop, which must not change greedy output."""
+    mtp_dir = tmp_path / "with_mtp"
+    shutil.copytree(model_dir, mtp_dir)
+    add_mtp(mtp_dir)
+    args = ("--model", str(mtp_dir), "--prompt", PROMPT, "--max-tokens", "10", "--no-chat")
+    with_mtp = run(*args, "--mtp", "--draft-tokens", "3")
+    assert with_mtp.exit_code == 0, with_mtp.output
+    assert with_mtp.stdout == run(*args).stdout
 
 
 def test_missing_default_model_is_one_line(monkeypatch, tmp_path):
