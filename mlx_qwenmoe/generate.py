@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import GenerationResponse
+from mlx_lm.generate import GenerationResponse, wired_limit
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -175,38 +175,40 @@ def stream_generate(
     eos = tokenizer.eos_token_ids
     tic = time.perf_counter()
     prompt_tps = 0.0
-    for n, (token, logprobs, from_draft) in enumerate(tokens):
-        if n == 0:
-            prompt_tps = prompt.size / (time.perf_counter() - tic)
-            tic = time.perf_counter()
-        finish_reason = None
-        if token in eos:
-            finish_reason = "stop"
-        else:
-            detokenizer.add_token(token)
-            if n + 1 == max_tokens:
-                finish_reason = "length"
-        if finish_reason:
-            detokenizer.finalize()
-        text, hit = stops.feed(detokenizer.last_segment)
-        if hit:
-            finish_reason = "stop"
-        elif finish_reason:
-            text += stops.flush()
-        yield GenerationResponse(
-            text=text,
-            token=token,
-            logprobs=logprobs,
-            from_draft=from_draft,
-            prompt_tokens=prompt.size,
-            prompt_tps=prompt_tps,
-            generation_tokens=n + 1,
-            generation_tps=(n + 1) / (time.perf_counter() - tic),
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=finish_reason,
-        )
-        if finish_reason:
-            return
+    # Keeps the weights wired on Apple silicon, as mlx-lm does (a no-op elsewhere).
+    with wired_limit(model):
+        for n, (token, logprobs, from_draft) in enumerate(tokens):
+            if n == 0:
+                prompt_tps = prompt.size / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            finish_reason = None
+            if token in eos:
+                finish_reason = "stop"
+            else:
+                detokenizer.add_token(token)
+                if n + 1 == max_tokens:
+                    finish_reason = "length"
+            if finish_reason:
+                detokenizer.finalize()
+            text, hit = stops.feed(detokenizer.last_segment)
+            if hit:
+                finish_reason = "stop"
+            elif finish_reason:
+                text += stops.flush()
+            yield GenerationResponse(
+                text=text,
+                token=token,
+                logprobs=logprobs,
+                from_draft=from_draft,
+                prompt_tokens=prompt.size,
+                prompt_tps=prompt_tps,
+                generation_tokens=n + 1,
+                generation_tps=(n + 1) / (time.perf_counter() - tic),
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish_reason,
+            )
+            if finish_reason:
+                return
 
 
 def format_stats(response: GenerationResponse) -> str:
