@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import struct
@@ -56,7 +57,7 @@ _A3B = dict(
 SHAPES: Dict[str, Dict[str, int]] = {
     "tiny": _TINY,
     "a3b-4l": dict(_A3B, num_hidden_layers=4, vocab_size=32000),
-    "a3b-full": dict(_A3B, num_hidden_layers=40, vocab_size=248320),
+    "a3b-full": dict(_A3B, num_hidden_layers=40, vocab_size=248320, mtp_num_hidden_layers=1),
 }
 
 
@@ -89,8 +90,9 @@ def mlx_lm_recipe(path: str, module: nn.Module) -> QuantSpec:
 
 
 def lazy_model(config: Dict[str, Any]) -> Model:
-    """Our model with this config's shapes; parameters stay unevaluated, so any size is cheap."""
-    return Model(ModelArgs.from_config(config))
+    """Our model (with its MTP layers, if any) for this config; parameters stay unevaluated, so any size is cheap."""
+    args = ModelArgs.from_config(config)
+    return Model(args, with_mtp=args.mtp_num_hidden_layers > 0)
 
 
 def quant_plan(model: nn.Module, recipe: Recipe) -> Dict[str, QuantSpec]:
@@ -198,18 +200,23 @@ def _write_safetensors(path: Path, entries: List[Tuple[str, Tuple[int, ...], mx.
 
 
 def _shard_of(name: str) -> str:
-    parts = name.split(".")
-    return f"model-layer{int(parts[3]):03d}" if parts[2] == "layers" else "model-globals"
+    m = re.match(r"^(mtp\.|language_model\.model\.)layers\.(\d+)\.", name)
+    if m is None:
+        return "model-globals"
+    return f"model-{'mtp-' if m.group(1) == 'mtp.' else ''}layer{int(m.group(2)):03d}"
 
 
 def ensure_checkpoint(
     directory: Path,
     config: Dict[str, Any],
     recipe: Recipe,
+    default: Tuple[int, int] = (4, 64),
     float_dtype: mx.Dtype = mx.bfloat16,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Generate (once) a random quantized checkpoint in ``directory``; reuses it when complete.
+
+    ``default`` is the (bits, group_size) written as config.json's default ``quantization``.
 
     The index is written last, so an interrupted run regenerates instead of loading a partial one.
     """
@@ -230,7 +237,7 @@ def ensure_checkpoint(
         fname = f"{shard}.safetensors"
         _write_safetensors(directory / fname, entries, make)
         weight_map.update({name: fname for name, _, _ in entries})
-    full = dict(config, quantization=quantization_section(plan))
+    full = dict(config, quantization=quantization_section(plan, default))
     (directory / "config.json").write_text(json.dumps(full, indent=1))
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     return directory
