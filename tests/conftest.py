@@ -1,11 +1,10 @@
-"""Test setup: make the adopted MSL emulator (tests/metal_emu) importable and
-keep its compiled kernels in a directory CI can cache between runs."""
+"""Test setup: make the adopted MSL emulator (``tests/metal_emu``) importable.
+
+The emulator keeps its compiled kernels in ``$METAL_EMU_CACHE``, by default
+``<repo>/.cache/metal_emu`` (git-ignored), a directory CI can cache between runs.
+"""
 
 import os
 import sys
 
-_TESTS = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(_TESTS)
-
-sys.path.insert(0, os.path.join(_TESTS, "metal_emu"))
-os.environ.setdefault("METAL_EMU_CACHE", os.path.join(_REPO, ".cache", "metal_emu"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "metal_emu"))

@@ -1,7 +1,10 @@
 """Gated delta rule: the model-facing entry point and its dispatch.
 
 ``reference.py`` is the token-by-token definition; faster forms live beside it and
-are pinned to it by tests.
+are pinned to it by tests: ``chunked.py`` (WY/UT chunked form in MLX ops) and
+``kernel.py`` (Metal: a fused one-token step and a two-pass chunked prefill).
+One token takes the recurrent step, more take the chunked form; Metal when
+``kernels.use_metal()`` and the head dims suit the kernels, ops otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from ...kernels import use_metal
+from . import kernel
+from .chunked import gated_delta_chunked
 from .reference import gated_delta_recurrent
 
 
@@ -47,6 +53,14 @@ def gated_delta_update(
     q, k: (B, T, Hk, Dk) raw (after conv + silu); v: (B, T, Hv, Dv); a, b: (B, T, Hv);
     state: (B, Hv, Dv, Dk) float32 or None. Returns o (B, T, Hv, Dv) and the new state.
     """
+    T = q.shape[1]
+    metal = use_metal() and kernel.supports(q.shape[-1], v.shape[-1])
+    if metal and T == 1:
+        return kernel.decode_step(q, k, v, a, b, A_log, dt_bias, state)
     q, k = l2_normalize_qk(q, k)
     g, beta = decay_and_beta(a, b, A_log, dt_bias)
-    return gated_delta_recurrent(q, k, v, g, beta, state)
+    if T == 1:
+        return gated_delta_recurrent(q, k, v, g, beta, state)
+    if metal:
+        return kernel.chunked(q, k, v, g, beta, state)
+    return gated_delta_chunked(q, k, v, g, beta, state)

@@ -22,8 +22,12 @@ _STATE_BLOCK = 32  # DVT: state columns per threadgroup in the sequential pass
 
 
 def supports(dk: int, dv: int) -> bool:
-    """Head dims the kernels handle (the real model has Dk = Dv = 128)."""
-    return dk % 32 == 0 and dv % 8 == 0
+    """Head dims the kernels handle (the real model has Dk = Dv = 128).
+
+    The decode step splits Dk over 32 lanes; the chunked kernels use 8x8 tiles,
+    state blocks of min(32, Dv) columns, and threadgroup memory that caps Dk at 128.
+    """
+    return dk % 32 == 0 and dk <= 128 and dv % 8 == 0 and (dv <= _STATE_BLOCK or dv % _STATE_BLOCK == 0)
 
 
 def _zeros_state(B: int, Hv: int, Dv: int, Dk: int, state: Optional[mx.array]) -> mx.array:
@@ -111,10 +115,8 @@ def chunked(
     beta: mx.array,
     state: Optional[mx.array] = None,
 ) -> Tuple[mx.array, mx.array]:
-    """Chunked prefill on the matrix units; same contract as ``chunked.gated_delta_chunked``.
-
-    Dv must be a multiple of 8 and, above 32, of 32.
-    """
+    """Chunked prefill on the matrix units; same contract as ``chunked.gated_delta_chunked``
+    (head dims as ``supports`` allows)."""
     B, T, _, Dk = k.shape
     Hv, Dv = v.shape[-2:]
     state = _zeros_state(B, Hv, Dv, Dk, state)
