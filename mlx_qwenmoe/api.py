@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -24,10 +24,10 @@ def default_model_dir() -> Path:
     return Path(str(importlib.resources.files("mlx_qwenmoe.default_model")))
 
 
-def resolve(path_or_repo: Optional[str] = None) -> Path:
+def resolve(path_or_repo: Optional[Union[str, Path]] = None) -> Path:
     """A local model directory: ``path_or_repo`` resolved, or the bundled default when None."""
     if path_or_repo is not None:
-        return resolve_model_path(path_or_repo)
+        return resolve_model_path(str(path_or_repo))
     model_dir = default_model_dir()
     if not (model_dir / "config.json").is_file():
         raise ModelNotFoundError(
@@ -52,7 +52,9 @@ def eos_token_ids(model_dir: Path, config: Dict[str, Any]) -> List[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def load(path_or_repo: Optional[str] = None, *, dtype: Optional[mx.Dtype] = None) -> Tuple[Model, TokenizerWrapper]:
+def load(
+    path_or_repo: Optional[Union[str, Path]] = None, *, dtype: Optional[mx.Dtype] = None
+) -> Tuple[Model, TokenizerWrapper]:
     """(model, tokenizer) from a local directory or a Hugging Face repo id (downloaded with
     ``huggingface_hub``, honouring ``HF_HUB_OFFLINE``); None loads the bundled demo model."""
     model_dir = resolve(path_or_repo)

@@ -24,7 +24,7 @@ def tiny_lm(tmp_path_factory):
     """(directory, transformers model, model, tokenizer, added-token ids), built once."""
     model_dir, ref = make_checkpoint(tmp_path_factory.mktemp("tiny_lm"), seed=3, vocab_size=VOCAB)
     ids = make_tokenizer(model_dir, vocab_size=VOCAB)
-    model, tokenizer = load(str(model_dir))
+    model, tokenizer = load(model_dir)  # a Path, as well as a str, is accepted
     return model_dir, ref, model, tokenizer, ids
 
 
