@@ -78,6 +78,8 @@ def convert(
         dst = Path(dst).expanduser()
         if dst.exists() and not force:
             raise OutputError(f"{dst}: already exists (use --force to replace it)")
+        if not dst.parent.is_dir():
+            raise OutputError(f"{dst}: parent directory {dst.parent} does not exist")
         tensors = source_tensors(model_dir)
     mtp_layers = _mtp_layers(tensors) if tensors is not None else None
     plan = plan_conversion(config, bits=bits, group_size=group_size, fit=fit, context=context, reserve=reserve,
@@ -126,8 +128,6 @@ def _mtp_layers(tensors: Dict[str, SourceTensor]) -> int:
 @contextlib.contextmanager
 def _staging(dst: Path, force: bool, nbytes: int) -> Iterator[Path]:
     """A hidden directory beside ``dst``, renamed to ``dst`` on success and removed on any failure."""
-    if not dst.parent.is_dir():
-        raise OutputError(f"{dst}: parent directory {dst.parent} does not exist")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     except OSError as e:
