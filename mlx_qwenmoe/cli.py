@@ -72,6 +72,8 @@ def generate_command(
         if sys.stdin.isatty():
             raise click.UsageError("give --prompt or pipe the prompt on stdin")
         prompt = sys.stdin.read()
+    if not prompt:
+        raise click.UsageError("--prompt: the prompt is empty")
     model, tokenizer = load(model_path)
     if chat is None:
         chat = tokenizer.has_chat_template

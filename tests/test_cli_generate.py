@@ -94,6 +94,7 @@ def test_seeded_sampling_is_reproducible(model_dir):
         (("--top-p", "1.5"), "--top-p"),
         (("--repetition-penalty", "0"), "--repetition-penalty"),
         (("--draft-tokens", "0"), "--draft-tokens"),
+        (("--prompt", ""), "empty"),
     ],
 )
 def test_bad_option_values(model_dir, args, fragment):
