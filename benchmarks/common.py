@@ -23,6 +23,7 @@ import re
 import resource
 import statistics
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -288,18 +289,24 @@ def machine_report() -> str:
 
 
 def timed(fn: Callable[[], Any]) -> float:
-    """Seconds to run ``fn`` (which must evaluate what it builds)."""
-    import time
-
-    t = time.perf_counter()
+    """Wall seconds to run ``fn`` (which must evaluate what it builds)."""
+    start = time.perf_counter()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - start
 
 
-def alternate(runs: Dict[str, Callable[[], float]], repeats: int) -> Dict[str, List[float]]:
+def cpu_timed(fn: Callable[[], Any]) -> Tuple[float, float]:
+    """(wall, CPU) seconds to run ``fn``. On a shared machine wall time mostly measures the other
+    jobs; this process's CPU time (all its threads) measures the work and stays stable."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def alternate(runs: Dict[str, Callable[[], Any]], repeats: int) -> Dict[str, List[Any]]:
     """Call each run ``repeats`` times, interleaved and with the order flipped every round
     (so drift in a shared machine's load hits all of them alike); returns their results."""
-    out: Dict[str, List[float]] = {k: [] for k in runs}
+    out: Dict[str, List[Any]] = {k: [] for k in runs}
     names = list(runs)
     for r in range(repeats):
         for k in names if r % 2 == 0 else names[::-1]:
