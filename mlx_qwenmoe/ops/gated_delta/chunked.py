@@ -90,15 +90,17 @@ def gated_delta_chunked(
         S = mx.zeros((B, Hk, n, Dk, Dv), dtype=mx.float32)
     else:
         S = state.astype(mx.float32).reshape(B, Hk, n, Dv, Dk).swapaxes(-1, -2)
-    # Only the state recursion is sequential; the outputs are one batched matmul after it.
-    states, v_news = [], []
+    q_decayed = q * e_gamma
+    # Only the state recursion is sequential; the in-chunk part of the output is
+    # one batched matmul after it.
+    inter, v_news = [], []
     for c in range(N):
-        states.append(S)
+        inter.append(q_decayed[c] @ S)
         v_new = mx.addmm(U[c], W[c], S, alpha=-1.0)
         v_news.append(v_new)
         S = mx.addmm(d_last[c] * S, Kd_t[c], v_new)
 
     P = (q @ kt) * decay
-    o = mx.addmm(P @ mx.stack(v_news), q * e_gamma, mx.stack(states))
+    o = mx.stack(inter) + P @ mx.stack(v_news)
     o = o.transpose(1, 0, 4, 2, 3, 5).reshape(B, N * chunk, Hv, Dv)
     return o[:, :T].astype(out_dtype), S.swapaxes(-1, -2).reshape(B, Hv, Dv, Dk)
