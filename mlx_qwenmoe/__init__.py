@@ -1,5 +1,6 @@
 """mlx_qwenmoe."""
 
+from . import _blas  # noqa: F401  (first: must run before mlx.core loads)
 from .api import load
 from .generate import GenerationResponse, generate, generate_step, stream_generate
 

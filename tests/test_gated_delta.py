@@ -4,6 +4,11 @@ the model-facing ``gated_delta_update``."""
 
 from __future__ import annotations
 
+import ctypes.util
+import os
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -110,3 +115,25 @@ def test_force_ops_env_disables_metal(monkeypatch):
     assert kernels.use_metal()
     monkeypatch.setenv("MLX_QWENMOE_FORCE_OPS", "1")
     assert not kernels.use_metal()
+
+
+# The chunked form is only fast on Linux with an optimised BLAS: mlx_qwenmoe._blas.
+def test_openblas_preload_skips(monkeypatch, caplog):
+    from mlx_qwenmoe import _blas
+
+    caplog.set_level("DEBUG", logger=_blas.__name__)
+    assert not _blas.preload_openblas()  # mlx.core is already loaded in this process
+    assert "already imported" in caplog.text
+    monkeypatch.setenv(_blas.OPT_OUT_ENV, "1")
+    assert not _blas.preload_openblas()
+    assert "disabled" in caplog.text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_openblas_is_loaded_by_package_import():
+    if ctypes.util.find_library("openblas") is None:
+        pytest.skip("libopenblas not installed")
+    code = "import mlx_qwenmoe, mlx.core; print('libopenblas' in open('/proc/self/maps').read())"
+    env = {k: v for k, v in os.environ.items() if k != "MLX_QWENMOE_NO_OPENBLAS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "True"
