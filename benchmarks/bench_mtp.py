@@ -116,7 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--temp", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=9, help="timing repeats for the rollback section")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each configuration per prompt (interleaved)")
+    ap.add_argument("--rollback-repeats", type=int, default=15)
     args = ap.parse_args(argv)
 
     model_dir = random_checkpoint() if args.random else args.model
@@ -130,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     print(C.machine_report())
     print(f"model: {'tiny random (tests/tiny_models.py, seed 3) ' if args.random else ''}{model_dir}; "
-          f"{len(ps)} prompts x {args.tokens} tokens; sampler {sampler}\n")
+          f"{len(ps)} prompts x {args.tokens} tokens x {args.repeats} repeats; sampler {sampler}\n")
 
     def plain(p: mx.array) -> Callable[[], Any]:
         return lambda: generate_step(p, model, max_tokens=args.tokens, sampler=sampler)
@@ -143,34 +144,38 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     list(plain(ps[0])())
     list(spec(ps[0], max(args.k), SpecStats())())
 
-    rows, all_stats = [], {}
+    stats = {k: SpecStats() for k in args.k}
+    gens: Dict[str, Callable[[mx.array], Callable[[], Any]]] = {"plain": plain}
+    gens.update({f"k={k}": (lambda p, k=k: spec(p, k, stats[k])) for k in args.k})
+    runs: Dict[str, List[Tuple[List[int], float, float]]] = {name: [] for name in gens}
     mx.random.seed(args.seed)
-    base = [decode(plain(p)) for p in ps]
-    base_tokens = sum(len(t) for t, _, _ in base)
-    base_wall, base_cpu = sum(w for _, w, _ in base), sum(c for _, _, c in base)
-    rows.append(["plain", "-", "-", "1.00", "1.00", f"{base_tokens / base_wall:.1f}", f"{base_tokens / base_cpu:.1f}",
-                 "1.00", "-"])
+    for p in ps:
+        for name, results in C.alternate({n: (lambda g=g: decode(g(p))) for n, g in gens.items()}, args.repeats).items():
+            runs[name].extend(results)
+
+    def rates(name: str) -> Tuple[float, float]:
+        """Median tokens per wall second and per CPU second over all runs."""
+        return (statistics.median(len(t) / w for t, w, _ in runs[name]),
+                statistics.median(len(t) / c for t, _, c in runs[name]))
+
+    base_wall, base_cpu = rates("plain")
+    rows = [["plain", "-", "-", "1.00", "1.00", f"{base_wall:.1f}", f"{base_cpu:.1f}", "1.00", "-"]]
     for k in args.k:
-        stats = SpecStats()
-        mx.random.seed(args.seed)
-        runs = [decode(spec(p, k, stats)) for p in ps]
-        tokens = sum(len(t) for t, _, _ in runs)
-        wall, cpu = sum(w for _, w, _ in runs), sum(c for _, _, c in runs)
-        same = all(r[0] == b[0] for r, b in zip(runs, base)) if sampler.greedy else "n/a (sampled)"
-        all_stats[k] = stats
+        st, (wall, cpu) = stats[k], rates(f"k={k}")
+        same = all(r[0] == b[0] for r, b in zip(runs[f"k={k}"], runs["plain"])) if sampler.greedy else "n/a (sampled)"
         rows.append([
-            f"k={k}", f"{stats.acceptance_rate:.1%}", " / ".join(f"{r:.0%}" for r in stats.acceptance_by_position),
-            f"{stats.tokens_per_forward:.2f}", f"{1 / stats.tokens_per_forward:.2f}",
-            f"{tokens / wall:.1f}", f"{tokens / cpu:.1f}", f"{base_cpu / base_tokens / (cpu / tokens):.2f}", str(same),
+            f"k={k}", f"{st.acceptance_rate:.1%}", " / ".join(f"{r:.0%}" for r in st.acceptance_by_position),
+            f"{st.tokens_per_forward:.2f}", f"{1 / st.tokens_per_forward:.2f}",
+            f"{wall:.1f}", f"{cpu:.1f}", f"{cpu / base_cpu:.2f}", str(same),
         ])
     print(C.table(["", "acceptance", "by position", "tokens / forward", "forwards / token", "tok/s wall",
                    "tok/s CPU", "CPU speed vs plain", "greedy identical"], rows))
 
-    print("\nRollback of DeltaNet caches, CPU ms per round (median of", args.repeats, "):")
+    print(f"\nRollback of DeltaNet caches, CPU ms per round (median of {args.rollback_repeats}):")
     rows = []
-    for k, stats in all_stats.items():
-        costs = rollback_costs(model, ps[0], k, args.repeats)
-        rerun = expected_rerun_ms(stats, costs)
+    for k, st in stats.items():
+        costs = rollback_costs(model, ps[0], k, args.rollback_repeats)
+        rerun = expected_rerun_ms(st, costs)
         rows.append([f"k={k}", f"{costs['verify']:.1f}", f"{costs['verify_record']:.1f}",
                      f"{costs['verify_record'] - costs['verify']:+.1f}",
                      " / ".join(f"{costs[f'rerun{j}']:.1f}" for j in range(1, k + 1)), f"{rerun:.1f}"])
