@@ -1,36 +1,45 @@
-"""Graph statistics of one decode step of the MoE block: operations and bytes moved, ours vs mlx-lm.
+"""Graph statistics of one decode step: operations and bytes moved, ours vs mlx-lm.
 
-Counted from the lazy graph MLX would evaluate, not timed, so it holds for a Mac
-while running anywhere. The graph is traced with ``mx.export_function`` (which
-reports every primitive with its input and output shapes) on the real
-Qwen3.5-35B-A3B layer shapes (hidden 2048, 256 experts top-8, expert and shared
-intermediate 512), 4-bit group-64 experts and 8-bit routers (mlx-lm's recipe),
-bfloat16 activations, one token.
+Two tables: the MoE block alone (ours vs mlx-lm's ``Qwen3NextSparseMoeBlock``)
+and a whole decode step of a 4-layer model (ours vs mlx-lm's ``qwen3_5_moe``),
+both on the real Qwen3.5-35B-A3B layer shapes (hidden 2048, 256 experts top-8,
+expert and shared intermediate 512), mlx-lm's quantization recipe (4-bit group
+64, routers 8-bit), bfloat16 activations, one token.
 
-Two things the trace cannot show are rebuilt in it, each as one fused node:
-* a ``mx.fast.metal_kernel`` launch (the CPU build cannot create one): our
-  kernels are swapped for a node that reads the kernel's inputs and writes its
-  outputs, which is exactly one dispatch on a Mac;
-* an ``mx.compile``'d function (mlx-lm's ``swiglu``, ``nn.silu``), which the
-  trace inlines but Metal runs as one fused kernel. The count of such nodes is
-  checked against the ``Compiled`` nodes of ``mx.export_to_dot``.
+Counted from the lazy graph, not timed, so the numbers hold for a Mac while
+running anywhere: ``mx.export_function`` reports every primitive with its input
+and output shapes. Metal is what the trace is made to see (``mx.metal`` present,
+GPU default device), and three things a CPU build cannot show are rebuilt in it,
+each as one fused node (a ``Depends`` on placeholders, tagged with its label):
+* a ``mx.fast.metal_kernel`` launch, ours or mlx-lm's gated delta: one dispatch
+  reading the kernel's inputs and writing its outputs;
+* an ``mx.compile``'d function (``swiglu``, ``nn.silu``, ...), which the trace
+  inlines but Metal runs as one kernel; their number is checked against the
+  ``Compiled`` nodes of ``mx.export_to_dot``;
+* an ``mx.fast`` op (``rms_norm``, ``rope``, attention) or ``mx.dequantize``
+  (the quantized embedding), one kernel on Metal that the CPU build expands
+  into its fallback ops.
 
 "ops" counts every primitive; "dispatches" leaves out views that move no data
 on Metal (reshape, broadcast, slice, ...). Bytes: each dispatch reads its inputs
-(a stacked expert tensor only for the top-k experts it selects) and writes its
-outputs; "activations written" leaves out the final output.
+(a stacked expert tensor only for the top-k experts it selects, a lookup table
+only for its rows) and writes its outputs; "activations written" leaves out the
+step's final output. Constant inputs (weights, and in the whole step the caches)
+are counted apart from activations.
 
-    nice python benchmarks/bench_graph.py
+    nice python benchmarks/bench_graph.py      # ~2 minutes, ~2 GB of memory
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
@@ -39,17 +48,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-from common import hf_config, machine_report, table  # noqa: E402
-from mlx.utils import tree_map  # noqa: E402
-from mlx_lm.models import qwen3_next, switch_layers  # noqa: E402
+from common import cache_state, hf_config, machine_report, mlx_lm_recipe, table  # noqa: E402
+from mlx.utils import tree_flatten, tree_map_with_path  # noqa: E402
+from mlx_lm.models import gated_delta, qwen3_5_moe, qwen3_next, switch_layers  # noqa: E402
 
 from mlx_qwenmoe import kernels  # noqa: E402
 from mlx_qwenmoe.config import ModelArgs  # noqa: E402
-from mlx_qwenmoe.model import SparseMoeBlock  # noqa: E402
+from mlx_qwenmoe.model import Model, SparseMoeBlock  # noqa: E402
 from mlx_qwenmoe.ops import moe  # noqa: E402
 
 VIEWS = {"Reshape", "ExpandDims", "Squeeze", "Broadcast", "Slice", "StopGradient", "Depends", "Transpose", "AsStrided"}
-WEIGHT_OPS = ("QuantizedMatmul", "GatherQMM", "GatherMM", "Matmul")
+GATHERS = ("GatherQMM", "GatherMM")  # read stacked experts by index
+ROW_GATHERS = ("Gather", "GatherAxis")  # read rows of their first input by index
 
 
 @dataclass
@@ -86,7 +96,8 @@ def _fused_node(label: str, inputs: Sequence[mx.array], shapes: Sequence[Sequenc
     _FUSED.append(label)
     tag = mx.array(len(_FUSED) - 1, dtype=mx.int32)
     placeholders = [mx.zeros(tuple(s), d) for s, d in zip(shapes, dtypes)]
-    return mx.depends(placeholders, [tag, *inputs])
+    arrays = [a if isinstance(a, mx.array) else mx.array(a) for a in inputs]  # metal_kernel takes Python scalars too
+    return mx.depends(placeholders, [tag, *arrays])
 
 
 def _fake_metal_kernel(name: str, input_names: Sequence[str], output_names: Sequence[str], **_kwargs: Any) -> Callable:
@@ -97,38 +108,51 @@ def _fake_metal_kernel(name: str, input_names: Sequence[str], output_names: Sequ
 
 
 def _fused_function(label: str, fn: Callable) -> Callable:
-    def call(*args: mx.array) -> mx.array:
-        shape_probe = fn(*args)  # built lazily and never evaluated: only its shape and dtype are used
-        return _fused_node(label, args, [shape_probe.shape], [shape_probe.dtype])[0]
+    def call(*args: Any, **kwargs: Any) -> mx.array:
+        shape_probe = fn(*args, **kwargs)  # built lazily and never evaluated: only its shape and dtype are used
+        inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, mx.array)]
+        return _fused_node(label, inputs, [shape_probe.shape], [shape_probe.dtype])[0]
 
     return call
 
 
-# mx.compile'd functions these blocks call, by the module attribute they are looked up through.
-COMPILED = [(switch_layers, "swiglu"), (qwen3_next, "swiglu"), (nn, "silu")]
+# mx.compile'd functions the models call, by the module attribute they are looked up through.
+COMPILED = [
+    (switch_layers, "swiglu"), (qwen3_next, "swiglu"), (qwen3_next, "precise_swiglu"),
+    (gated_delta, "compute_g"), (nn, "silu"), (nn, "softplus"),
+]
+# Ops that are one kernel each on Metal but that the CPU build expands into their fallback ops.
+FAST = [(mx.fast, name) for name in ("rms_norm", "layer_norm", "rope", "scaled_dot_product_attention")]
+FAST.append((mx, "dequantize"))
 
 
 @contextlib.contextmanager
 def patched(metal: bool, fuse_compiled: bool) -> Iterator[None]:
+    """Metal as a Mac would see it (kernels for ours and for mlx-lm's gated delta), fused nodes as asked."""
     saved: List[Tuple[Any, str, Any]] = []
 
     def patch(obj: Any, attr: str, value: Any) -> None:
         saved.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, value)
 
+    for module, name in FAST:
+        patch(module, name, _fused_function(f"fast {name}", getattr(module, name)))
     if metal:
         patch(mx.fast, "metal_kernel", _fake_metal_kernel)
-        patch(kernels, "use_metal", lambda: True)
+        patch(mx.metal, "is_available", lambda: True)
+        patch(mx, "default_device", lambda: mx.Device(mx.gpu))
+    kernels.build.cache_clear()
+    importlib.reload(gated_delta)  # mlx-lm builds its kernels at import, when Metal is there
     if fuse_compiled:
         for module, attr in COMPILED:
             patch(module, attr, _fused_function(f"compiled {attr}", getattr(module, attr)))
-    kernels.build.cache_clear()
     try:
         yield
     finally:
         for obj, attr, value in reversed(saved):
             setattr(obj, attr, value)
         kernels.build.cache_clear()
+        importlib.reload(gated_delta)
 
 
 # --- tracing and counting ---------------------------------------------------------------------
@@ -176,6 +200,14 @@ def count(graph: Graph, num_experts: int, top_k: int) -> Stats:
                 if p is not None and id(p) not in dead:
                     dead.add(id(p))
                     stack.extend(i[0] for i in p.inputs)
+    # The step's output, and what views of it were made from, is not an intermediate.
+    final, stack = set(), list(graph.outputs)
+    while stack:
+        name = stack.pop()
+        final.add(name)
+        p = producer.get(name)
+        if p is not None and p.name in VIEWS and p.name != "Depends":
+            stack.extend(i[0] for i in p.inputs)
     stats = Stats()
     for n in nodes:
         if id(n) in dead:
@@ -190,62 +222,107 @@ def count(graph: Graph, num_experts: int, top_k: int) -> Stats:
             continue
         stats.dispatches += 1
         stats.kinds[label] = stats.kinds.get(label, 0) + 1
-        weighty = label in WEIGHT_OPS or label.startswith("kernel")
+        if label == "SliceUpdate":  # in place on Metal (the buffer is donated): moves only the update
+            update = _nbytes(*inputs[1][1:])
+            stats.act_read += update
+            stats.act_written += update
+            continue
+        gathers = label in GATHERS or label.startswith("kernel")
         for name, shape, dtype in inputs:
             b = _nbytes(shape, dtype)
-            if weighty and name in constants:
-                if len(shape) == 3 and shape[0] == num_experts:
-                    b = b * top_k // num_experts  # a decode token reads only its top-k experts
-                stats.weight_bytes += b
-            else:
+            if name not in constants:
                 stats.act_read += b
-        stats.act_written += sum(_nbytes(s, d) for nm, s, d in n.outputs if nm not in graph.outputs)
+                continue
+            if label in ROW_GATHERS and name == inputs[0][0]:
+                b = sum(_nbytes(s, d) for _, s, d in n.outputs)  # only the looked-up rows
+            elif gathers and len(shape) == 3 and shape[0] == num_experts:
+                b = b * top_k // num_experts  # a decode token reads only its top-k experts
+            stats.weight_bytes += b
+        stats.act_written += sum(_nbytes(s, d) for nm, s, d in n.outputs if nm not in final)
     return stats
 
 
 # --- the blocks -------------------------------------------------------------------------------
 
 
-def _concrete(module: nn.Module, dtype: mx.Dtype) -> nn.Module:
-    """Quantize with mlx-lm's recipe, then give every parameter concrete zeros (the graph ignores values)."""
-    nn.quantize(
-        module,
-        class_predicate=lambda p, m: hasattr(m, "to_quantized")
-        and ({"bits": 8, "group_size": 64} if p == "gate" or p.endswith("shared_expert_gate") else {"bits": 4, "group_size": 64}),
-    )
-    module.update(tree_map(lambda p: mx.zeros(p.shape, p.dtype if p.dtype == mx.uint32 else dtype), module.parameters()))
+def _quantize(module: nn.Module, prefix: str = "") -> None:
+    """mlx-lm's recipe (``prefix`` completes the paths of a lone block)."""
+
+    def spec(path: str, m: nn.Module) -> Any:
+        bits_group = hasattr(m, "to_quantized") and mlx_lm_recipe(prefix + path, m)
+        return bool(bits_group) and {"bits": bits_group[0], "group_size": bits_group[1]}
+
+    nn.quantize(module, class_predicate=spec)
+
+
+def _concrete(module: nn.Module, dtype: mx.Dtype, prefix: str = "") -> nn.Module:
+    """Quantized, with concrete zeros for every parameter (the graph does not depend on values)."""
+    _quantize(module, prefix)
+    keep = lambda path, p: p.dtype == mx.uint32 or path.endswith("A_log")  # noqa: E731
+    module.update(tree_map_with_path(lambda path, p: mx.zeros(p.shape, p.dtype if keep(path, p) else dtype), module.parameters()))
     mx.eval(module.parameters())
     return module
 
 
-def blocks(dtype: mx.Dtype) -> Tuple[ModelArgs, nn.Module, nn.Module]:
-    args = ModelArgs.from_config(hf_config("a3b-4l"))
-    ours = _concrete(SparseMoeBlock(args), dtype)
+def blocks(args: ModelArgs, dtype: mx.Dtype) -> Tuple[nn.Module, nn.Module]:
+    ours = _concrete(SparseMoeBlock(args), dtype, prefix="mlp.")
     # The block reads only these fields of mlx-lm's ModelArgs.
     theirs_args = SimpleNamespace(
         hidden_size=args.hidden_size, num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok,
         moe_intermediate_size=args.moe_intermediate_size, norm_topk_prob=args.norm_topk_prob,
         shared_expert_intermediate_size=args.shared_expert_intermediate_size,
     )
-    theirs = _concrete(qwen3_next.Qwen3NextSparseMoeBlock(theirs_args), dtype)
-    return args, ours, theirs
+    theirs = _concrete(qwen3_next.Qwen3NextSparseMoeBlock(theirs_args), dtype, prefix="mlp.")
+    return ours, theirs
 
 
-def fused_shared(block: SparseMoeBlock) -> Callable[[mx.array], mx.array]:
+def models(config: Dict[str, Any], dtype: mx.Dtype) -> Tuple[nn.Module, nn.Module]:
+    """Our model and mlx-lm's ``qwen3_5_moe`` on the same (zero) arrays."""
+    theirs = _concrete(qwen3_5_moe.Model(qwen3_5_moe.ModelArgs.from_dict(config)), dtype)
+    ours = Model(ModelArgs.from_config(config))
+    _quantize(ours)
+    ours.load_weights(tree_flatten(theirs.parameters()), strict=True)
+    # As mlx-lm's loader leaves it: in training mode mlx-lm's DeltaNet skips its Metal kernel.
+    ours.eval()
+    theirs.eval()
+    return ours, theirs
+
+
+def fused_shared(block: SparseMoeBlock, x: mx.array) -> mx.array:
     """Our block with the shared expert handed to ``routed_experts`` (the proposed model wiring)."""
-
-    def run(x: mx.array) -> mx.array:
-        weights, inds = moe.route(block.gate(x), block.top_k, block.norm_topk_prob)
-        return moe.routed_experts(x, inds, weights, block.switch_mlp, block.shared_expert, block.shared_expert_gate)
-
-    return run
+    weights, inds = moe.route(block.gate(x), block.top_k, block.norm_topk_prob)
+    return moe.routed_experts(x, inds, weights, block.switch_mlp, block.shared_expert, block.shared_expert_gate)
 
 
-def measure(fn: Callable[[mx.array], mx.array], x: mx.array, metal: bool, args: ModelArgs) -> Stats:
+@contextlib.contextmanager
+def shared_fused_wiring() -> Iterator[None]:
+    original = SparseMoeBlock.__call__
+    SparseMoeBlock.__call__ = fused_shared
+    try:
+        yield
+    finally:
+        SparseMoeBlock.__call__ = original
+
+
+def decode_step(model: nn.Module) -> Callable[[], Callable[[mx.array], mx.array]]:
+    """Fresh one-token decode steps, each from a cache that already holds one (evaluated) token."""
+
+    def make() -> Callable[[mx.array], mx.array]:
+        cache = model.make_cache()
+        mx.eval(model(mx.array([[1]]), cache=cache))
+        mx.eval(cache_state(cache))
+        return lambda tokens: model(tokens, cache=cache)
+
+    return make
+
+
+def measure(make: Callable[[], Callable[[mx.array], mx.array]], x: mx.array, metal: bool, args: ModelArgs) -> Stats:
+    """Stats of ``make()(x)``; ``make`` is called before any patching, once per trace."""
+    for_dot, for_trace = make(), make()
     with patched(metal, fuse_compiled=False):
-        expected_compiled = compiled_nodes_in_dot(fn, x)
+        expected_compiled = compiled_nodes_in_dot(for_dot, x)
     with patched(metal, fuse_compiled=True):
-        stats = count(trace(fn, x), args.num_experts, args.num_experts_per_tok)
+        stats = count(trace(for_trace, x), args.num_experts, args.num_experts_per_tok)
     compiled = sum(v for k, v in stats.kinds.items() if k.startswith("compiled"))
     if compiled != expected_compiled:
         raise RuntimeError(f"fused {compiled} compiled functions, the lazy graph has {expected_compiled}")
@@ -256,30 +333,51 @@ def kib(n: int) -> str:
     return f"{n / 1024:,.1f} KiB" if n < 2**20 else f"{n / 2**20:,.2f} MiB"
 
 
+def report(title: str, rows: Dict[str, Stats], weights_label: str) -> None:
+    base = next(iter(rows.values()))
+    out = [
+        [name, s.ops, f"{s.ops / base.ops:.2f}", s.dispatches, f"{s.dispatches / base.dispatches:.2f}",
+         kib(s.weight_bytes), kib(s.act_read), kib(s.act_written)]
+        for name, s in rows.items()
+    ]
+    print(f"\n{title}")
+    headers = ["path", "ops", "ops / mlx-lm", "dispatches", "dispatches / mlx-lm", weights_label,
+               "activations read", "activations written"]
+    print(table(headers, out))
+    print()
+    for name, s in rows.items():
+        print(f"- {name}: " + ", ".join(f"{k} x{v}" if v > 1 else k for k, v in s.kinds.items()))
+
+
 def main() -> None:
     print(machine_report())
     dtype = mx.bfloat16
-    args, ours, theirs = blocks(dtype)
+    config = hf_config("a3b-4l")
+    args = ModelArgs.from_config(config)
+
+    ours, theirs = blocks(args, dtype)
     x = mx.zeros((1, 1, args.hidden_size), dtype)
     rows = {
-        "mlx-lm Qwen3NextSparseMoeBlock (Metal)": measure(theirs, x, metal=True, args=args),
-        "ours, ops path (off Metal)": measure(ours, x, metal=False, args=args),
-        "ours, Metal, model wiring today (shared expert in ops)": measure(ours, x, metal=True, args=args),
-        "ours, Metal, shared expert fused": measure(fused_shared(ours), x, metal=True, args=args),
+        "mlx-lm Qwen3NextSparseMoeBlock, Metal": measure(lambda: theirs, x, metal=True, args=args),
+        "ours, ops path (off Metal)": measure(lambda: ours, x, metal=False, args=args),
+        "ours, Metal, model wiring today (shared expert in ops)": measure(lambda: ours, x, metal=True, args=args),
+        "ours, Metal, shared expert fused": measure(lambda: partial(fused_shared, ours), x, metal=True, args=args),
     }
-    base = next(iter(rows.values()))
-    out = []
-    for name, s in rows.items():
-        out.append([
-            name, s.ops, s.dispatches, f"{s.dispatches / base.dispatches:.2f}", kib(s.weight_bytes),
-            kib(s.act_read), kib(s.act_written),
-        ])
-    print()
-    print("MoE layer, one decode token (A3B shapes, 4-bit g64 experts, 8-bit routers, bf16)")
-    print(table(["path", "ops", "dispatches", "dispatches / mlx-lm", "weights read", "activations read", "activations written"], out))
-    print()
-    for name, s in rows.items():
-        print(f"{name}: " + ", ".join(f"{k} x{v}" if v > 1 else k for k, v in s.kinds.items()))
+    report("MoE layer, one decode token (A3B shapes, 4-bit g64 experts, 8-bit routers, bf16)", rows, "weights read")
+    del ours, theirs
+
+    ours, theirs = models(config, dtype)
+    tokens = mx.array([[1]])
+    rows = {"mlx-lm qwen3_5_moe, Metal": measure(decode_step(theirs), tokens, metal=True, args=args)}
+    rows["ours, Metal, model wiring today"] = measure(decode_step(ours), tokens, metal=True, args=args)
+    with shared_fused_wiring():
+        rows["ours, Metal, shared expert fused"] = measure(decode_step(ours), tokens, metal=True, args=args)
+    report(
+        f"Whole decode step, {args.num_hidden_layers} layers (A3B shapes, vocabulary {args.vocab_size}), "
+        "one token after a one-token prompt",
+        rows,
+        "weights + cache read",
+    )
 
 
 if __name__ == "__main__":

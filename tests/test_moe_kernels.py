@@ -11,8 +11,6 @@ top-k 2/8, 8/256 experts (small hidden sizes), expert ids repeated across tokens
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Tuple
 
 import mlx.core as mx
@@ -27,9 +25,7 @@ from mlx_qwenmoe.model import MLP
 from mlx_qwenmoe.ops import moe
 from mlx_qwenmoe.ops.moe import kernel, reference
 
-# Until tests/conftest.py puts the emulator on sys.path.
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "metal_emu"))
-import metal_emu as me  # noqa: E402
+import metal_emu as me  # on sys.path through tests/conftest.py
 
 D, I, IS = 128, 128, 256  # hidden, expert intermediate, shared-expert intermediate (multiples of group 128)
 
