@@ -131,3 +131,27 @@ def test_plan_fallback_rule():
     assert by_module["layers.0.mlp.switch_mlp.down_proj"].group_size == 32  # input 96
     assert by_module["layers.0.mlp.shared_expert.down_proj"].group_size == 64  # input 64
     assert plan.quantization_config()["language_model.model.layers.0.mlp.switch_mlp.down_proj"] == {"group_size": 32, "bits": 4}
+
+
+def test_qwen3_next_converts_to_qwen3_5_moe(tmp_path):
+    """Qwen3-Next's fused [q k v z]/[b a] rows are regrouped across heads (mapped whole, not in row
+    chunks), its dense MLP layer has input 48 (no group divides it: kept float), and the output
+    says model_type qwen3_5_moe. (mlx-lm's qwen3_5_moe has no mlp_only_layers, so only our loader.)"""
+    import torch
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    from tiny_models import BASE, _perturb
+
+    torch.manual_seed(0)
+    tm = Qwen3NextForCausalLM(Qwen3NextConfig(**{**BASE, "intermediate_size": 48, "mlp_only_layers": [1]}))
+    _perturb(tm, 0)
+    tm.eval().save_pretrained(tmp_path / "src")
+    plan = convert(tmp_path / "src", tmp_path / "out", bits=8)
+    assert plan["language_model.model.layers.1.mlp.down_proj.weight"].bits is None
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "qwen3_5_moe" and "rope_parameters" in config
+    model, _ = load_model(tmp_path / "out")
+    ids = IDS % BASE["vocab_size"]
+    max_diff, mean_diff, top1 = _logit_stats(np.array(model(mx.array(ids)).astype(mx.float32)), reference_logits(tm, ids))
+    max_tol, mean_tol, top1_min = TOLERANCE["8bit"]
+    assert max_diff < max_tol and mean_diff < mean_tol and top1 >= top1_min
