@@ -11,6 +11,7 @@ top-k 2/8, 8/256 experts (small hidden sizes), expert ids repeated across tokens
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Tuple
 
 import mlx.core as mx
@@ -21,7 +22,7 @@ from mlx.utils import tree_map
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from mlx_qwenmoe import kernels
-from mlx_qwenmoe.model import MLP
+from mlx_qwenmoe.model import MLP, SparseMoeBlock
 from mlx_qwenmoe.ops import moe
 from mlx_qwenmoe.ops.moe import kernel, reference
 
@@ -185,3 +186,22 @@ def test_shared_expert_arguments_come_together() -> None:
     for fn in (kernel.routed_experts, reference.routed_experts):
         with pytest.raises(ValueError):
             fn(mx.zeros((1, D)), inds, weights, experts, shared, None)
+
+
+def test_model_block_on_metal_matches_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's MoE block through the dispatch, and with the shared expert handed to the kernels."""
+    args = SimpleNamespace(
+        hidden_size=D, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        moe_intermediate_size=I, shared_expert_intermediate_size=IS,
+    )
+    mx.random.seed(11)
+    block = SparseMoeBlock(args)
+    nn.quantize(block, class_predicate=lambda p, m: hasattr(m, "to_quantized") and {"bits": 8 if p.endswith("gate") else 4, "group_size": 64})
+    x = mx.random.normal((2, 1, D))
+    expected = block(x)
+    monkeypatch.setattr(kernels, "use_metal", lambda: True)
+    _assert_close(block(x), expected, rtol=1e-4, atol_frac=1e-5)
+    assert kernel.shared_fusable(block.switch_mlp, block.shared_expert, block.shared_expert_gate)
+    weights, inds = moe.route(block.gate(x), block.top_k, block.norm_topk_prob)
+    fused = moe.routed_experts(x, inds, weights, block.switch_mlp, block.shared_expert, block.shared_expert_gate)
+    _assert_close(fused, expected, rtol=1e-4, atol_frac=1e-5)
