@@ -86,11 +86,13 @@ def generate_command(
         prompt = chat_prompt(tokenizer, messages, enable_thinking=think)
     elif system is not None or think is not None:
         raise click.UsageError("--system and --think/--no-think need --chat")
+    mtp_stats = None
     if mtp:
-        from .speculative import SamplerSpec
+        from .speculative import SamplerSpec, SpecStats
 
         # Speculative sampling needs the sampler's parameters, not just a function.
         sampler = SamplerSpec(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+        mtp_stats = SpecStats()
     else:
         sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
     if seed is not None:
@@ -108,11 +110,14 @@ def generate_command(
         stop=stop,
         mtp=mtp,
         draft_tokens=draft_tokens,
+        mtp_stats=mtp_stats,
     ):
         click.echo(response.text, nl=False)
     click.echo()
     if response is not None:
         click.echo(format_stats(response), err=True)
+    if mtp_stats is not None:
+        click.echo(str(mtp_stats), err=True)
 
 
 from mlx_qwenmoe.convert.cli import convert_command  # noqa: E402  the converter lives in its own package

@@ -143,12 +143,14 @@ def stream_generate(
     stop: Sequence[str] = (),
     mtp: bool = False,
     draft_tokens: int = 2,
+    mtp_stats: Optional[Any] = None,
 ) -> Iterator[GenerationResponse]:
     """Yield one ``GenerationResponse`` per generated token, the last with ``finish_reason``
     "stop" (an EOS token of the checkpoint or a ``stop`` string) or "length".
 
     ``text`` never contains the EOS token or a stop string. ``mtp`` drafts ``draft_tokens``
-    tokens ahead with the checkpoint's multi-token-prediction head and verifies them.
+    tokens ahead with the checkpoint's multi-token-prediction head and verifies them;
+    ``mtp_stats`` (a ``speculative.SpecStats``) then collects acceptance counts.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
@@ -166,7 +168,7 @@ def stream_generate(
             raise ValueError("mtp=True does not continue from a given cache")
         from .speculative import mtp_generate_step
 
-        tokens = mtp_generate_step(prompt, model, draft_tokens=draft_tokens, **options)
+        tokens = mtp_generate_step(prompt, model, draft_tokens=draft_tokens, stats=mtp_stats, **options)
     else:
         tokens = ((t, lp, False) for t, lp in generate_step(prompt, model, cache=cache, **options))
 
