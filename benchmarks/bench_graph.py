@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import re
 import sys
@@ -80,10 +81,7 @@ class Stats:
 
 
 def _nbytes(shape: Sequence[int], dtype: Any) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * dtype.size
+    return math.prod(shape) * dtype.size
 
 
 # --- fused nodes: metal_kernel launches and compiled functions --------------------------------

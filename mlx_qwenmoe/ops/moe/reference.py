@@ -17,7 +17,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 def route(logits: mx.array, top_k: int, normalize: bool) -> Tuple[mx.array, mx.array]:
     """Softmax over experts, top-k, optional renormalisation: (weights float32, expert ids uint32)."""
     probs = mx.softmax(logits.astype(mx.float32), axis=-1)
-    inds = mx.argpartition(-probs, kth=top_k - 1, axis=-1)[..., :top_k]
+    inds = mx.argpartition(probs, kth=-top_k, axis=-1)[..., -top_k:]
     weights = mx.take_along_axis(probs, inds, axis=-1)
     if normalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
