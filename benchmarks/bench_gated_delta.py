@@ -4,12 +4,15 @@ Times ``mlx_qwenmoe.ops.gated_delta.gated_delta_update`` (L2 norm, decay/beta an
 chunked WY/UT form) and ``mlx_lm.models.gated_delta.gated_delta_update`` (decay/beta
 and its per-token ops loop) on the same inputs with the real head shapes (B=1,
 Hk=16, Hv=32, Dk=Dv=128), one DeltaNet layer. Prints wall and process CPU seconds
-(CPU time is the steadier number on a shared machine) and the wall-time ratio.
+(CPU time is the steadier number on a shared machine) and both ratios.
 
     python benchmarks/bench_gated_delta.py [--lengths 512 2048 8192]
 
 ``import mlx_qwenmoe`` loads the system OpenBLAS on Linux (MLX_QWENMOE_NO_OPENBLAS=1
-to compare with the wheel's reference BLAS).
+to compare with the wheel's reference BLAS). OpenBLAS is held to one thread unless
+OPENBLAS_NUM_THREADS is set, so both sides use one core (MLX's CPU backend runs on one
+worker thread) and the numbers hold on a shared machine, where idle OpenBLAS threads
+spin on cores others need.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import platform
 import time
 from typing import Callable, Tuple
 
-import mlx_qwenmoe  # noqa: F401  (first: loads OpenBLAS before mlx.core)
-import mlx.core as mx
-from mlx_lm.models import gated_delta as mlx_lm_gd
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # read when OpenBLAS loads, below
 
-from mlx_qwenmoe.ops.gated_delta import gated_delta_update, l2_normalize_qk
+import mlx_qwenmoe  # noqa: E402,F401  (first: loads OpenBLAS before mlx.core)
+import mlx.core as mx  # noqa: E402
+from mlx_lm.models import gated_delta as mlx_lm_gd  # noqa: E402
+
+from mlx_qwenmoe.ops.gated_delta import gated_delta_update, l2_normalize_qk  # noqa: E402
 
 B, HK, HV, DK, DV = 1, 16, 32, 128, 128
 
@@ -72,12 +77,13 @@ def main() -> None:
     mx.set_default_device(mx.cpu)
 
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
-          f"{os.cpu_count()} cores, mlx {mx.__version__}, OpenBLAS loaded: {openblas_loaded()}, "
+          f"{os.cpu_count()} cores, mlx {mx.__version__}, OpenBLAS loaded: {openblas_loaded()} "
+          f"(threads {os.environ['OPENBLAS_NUM_THREADS']}), "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"B={B} Hk={HK} Hv={HV} Dk={DK} Dv={DV}, one layer, float32 inputs")
     print()
-    print("| T | ours wall s | ours CPU s | mlx-lm wall s | mlx-lm CPU s | speed-up (wall) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| T | ours wall s | ours CPU s | mlx-lm wall s | mlx-lm CPU s | speed-up wall | speed-up CPU |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for T in args.lengths:
         q, k, v, a, b, A_log, dt_bias, state = inputs(T)
         ours = timed(lambda: gated_delta_update(q, k, v, a, b, A_log, dt_bias, state), 3 if T <= 2048 else 1)
@@ -87,7 +93,8 @@ def main() -> None:
             lambda: mlx_lm_gd.gated_delta_update(qn, kn, v, a, b, A_log, dt_bias, state, use_kernel=False),
             2 if T <= 512 else 1,
         )
-        print(f"| {T} | {ours[0]:.3f} | {ours[1]:.3f} | {theirs[0]:.2f} | {theirs[1]:.2f} | {theirs[0] / ours[0]:.1f}x |",
+        print(f"| {T} | {ours[0]:.3f} | {ours[1]:.3f} | {theirs[0]:.2f} | {theirs[1]:.2f} "
+              f"| {theirs[0] / ours[0]:.1f}x | {theirs[1] / ours[1]:.1f}x |",
               flush=True)
 
 

@@ -36,7 +36,7 @@ for (int t0 = 0; t0 < Tp; t0 += C) {
   auto uc = u + (n * Tp + t0) * Dv + dv0;
   auto rc = r + (n * Tp + t0) * Dv + dv0;
   auto kc = k + ((bi * T + t0) * Hk + hk) * Dk;
-  auto gc = gamma + n * Tp + t0;
+  auto gc = gamma_c + n * Tp + t0;
 
   for (int tile = sg; tile < 8 * NJ; tile += NSG) {
     const int tr = tile / NJ;

@@ -24,7 +24,7 @@ from mlx_qwenmoe.ops.gated_delta.reference import gated_delta_recurrent
 
 from test_gated_delta import make_inputs, max_abs
 
-SMALL = (1, 2, 32, 16)  # Hk, Hv, Dk, Dv
+SMALL = (2, 4, 32, 16)  # Hk, Hv, Dk, Dv
 REAL = (1, 2, 128, 128)  # the model's head dims, fewer heads
 DTYPES = [mx.float32, mx.bfloat16]
 STATE_TOL = 2e-5
@@ -61,10 +61,11 @@ def test_decode_kernel(dtype, B, heads, with_state):
     check(o, s, ro, rs, dtype)
 
 
-def chunked_case(B, T, heads, dtype, with_state):
+def chunked_case(B, T, heads, dtype, with_state, decay_scale=1.0):
     q, k, v, a, b, A_log, dt_bias, state = make_inputs(B, T, *heads, dtype=dtype, with_state=with_state)
     q, k = gd.l2_normalize_qk(q, k)
     g, beta = gd.decay_and_beta(a, b, A_log, dt_bias)
+    g = g * decay_scale
     o, s = kernel.chunked(q, k, v, g, beta, state)
     ro, rs = gated_delta_recurrent(f32(q), f32(k), f32(v), g, beta, state)
     check(o, s, ro, rs, dtype)
@@ -80,6 +81,11 @@ def test_chunked_kernels(dtype, T, B, with_state):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_chunked_kernels_real_head_dims(dtype):
     chunked_case(1, 65, REAL, dtype, True)
+
+
+def test_chunked_kernels_strong_decay():
+    # e^(gamma_i - gamma_j) above the diagonal would overflow if computed before masking
+    chunked_case(1, 65, SMALL, mx.float32, True, decay_scale=30.0)
 
 
 def test_chunked_kernels_segment_boundary(monkeypatch):

@@ -92,7 +92,7 @@ def _chunked_segment(
     dvt = min(_STATE_BLOCK, Dv)
     walk = build(
         "gated_delta_chunk_state",
-        ("w", "qp", "u", "r", "gamma", "k", "state_in", "T"),
+        ("w", "qp", "u", "r", "gamma_c", "k", "state_in", "T"),
         ("y", "state_out"),
         header,
     )
