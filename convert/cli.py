@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from typing import Optional
 
 import click
@@ -36,6 +38,8 @@ def convert_command(
     """
     from .pipeline import convert
 
+    # A killed conversion (SIGTERM) unwinds like Ctrl-C, so its partial output is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if fit is not None and bits is not None:
         raise click.UsageError("--fit chooses the bits itself; give --fit or --bits, not both")
     if dst is None and not dry_run:

@@ -155,3 +155,13 @@ def test_qwen3_next_converts_to_qwen3_5_moe(tmp_path):
     max_diff, mean_diff, top1 = _logit_stats(np.array(model(mx.array(ids)).astype(mx.float32)), reference_logits(tm, ids))
     max_tol, mean_tol, top1_min = TOLERANCE["8bit"]
     assert max_diff < max_tol and mean_diff < mean_tol and top1 >= top1_min
+
+
+def test_memory_rules():
+    from mlx_qwenmoe.convert.memory import GiB, parse_size, working_set_limit
+
+    assert parse_size("24GB") == parse_size("24 GiB") == parse_size("24g") == 24 * GiB
+    assert parse_size("512MB") == GiB // 2
+    assert working_set_limit(16 * GiB) == 16 * GiB * 2 // 3  # 10.67 GiB, as macOS reports
+    assert working_set_limit(24 * GiB) == 16 * GiB
+    assert working_set_limit(64 * GiB) == 48 * GiB
