@@ -131,6 +131,40 @@ def _process(logits: mx.array, history: Optional[mx.array], processors: Sequence
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def _extend(history: Optional[mx.array], tokens: List[mx.array]) -> Optional[mx.array]:
+    """The token history a logits processor sees after ``tokens`` (None when no processors run)."""
+    if history is None or not tokens:
+        return history
+    return mx.concatenate([history, *tokens])
+
+
+def _rejection_rule(
+    spec: SamplerSpec, logprobs: mx.array, draft_ids: mx.array, draft_probs: List[mx.array]
+) -> Tuple[mx.array, mx.array]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): draft j, drawn from p_j, is
+    accepted with probability min(1, q_j(d_j) / p_j(d_j)); the first rejected position samples the
+    residual max(q_j - p_j, 0) instead, and if all are accepted the bonus position samples q_k.
+
+    logprobs: (k+1, V) of the main model. Returns (accept (k,), replacement token per position (k+1,)).
+    """
+    k = draft_ids.size
+    q = spec.probs(logprobs)
+    p = mx.concatenate(draft_probs, axis=0) if k else mx.zeros((0, q.shape[-1]))
+    cols = draft_ids[:, None].astype(mx.int32)
+    q_d = mx.take_along_axis(q[:k], cols, axis=-1)[:, 0]
+    p_d = mx.take_along_axis(p, cols, axis=-1)[:, 0]
+    accept = mx.random.uniform(shape=(k,)) * p_d < q_d
+    residual = mx.concatenate([mx.maximum(q[:k] - p, 0.0), q[k:]], axis=0)
+    return accept, mx.random.categorical(mx.log(residual))
+
+
+def _match_rule(draw: Callable[[mx.array], mx.array], logprobs: mx.array, draft_ids: mx.array) -> Tuple[mx.array, mx.array]:
+    """Draw every position's token as plain decoding would; a draft is accepted iff it equals the
+    draw, and the first mismatch keeps the draw. Exact for any sampler, stochastic or not."""
+    targets = draw(logprobs)
+    return targets[: draft_ids.size] == draft_ids, targets
+
+
 def _first_rejection(accept: List[bool]) -> int:
     return next((j for j, ok in enumerate(accept) if not ok), len(accept))
 
@@ -159,9 +193,9 @@ def mtp_generate_step(
     if prompt.size == 0:
         raise ValueError("the prompt is empty")
     processors = list(logits_processors or [])
-    sample = sampler or mx.argmax
-    rejection = isinstance(sampler, SamplerSpec) and not sampler.greedy
     greedy = sampler is None or (isinstance(sampler, SamplerSpec) and sampler.greedy)
+    rejection = isinstance(sampler, SamplerSpec) and not greedy
+    draw = (lambda lp: mx.argmax(lp, axis=-1)) if greedy else sampler
     stats = stats if stats is not None else SpecStats()
     stats.draft_tokens = draft_tokens
 
@@ -174,9 +208,6 @@ def mtp_generate_step(
     def mtp(hidden: mx.array, next_tokens: mx.array) -> mx.array:
         return model.mtp(hidden, embed(next_tokens)[None], mtp_cache)
 
-    def draw(logprobs: mx.array) -> mx.array:
-        return mx.argmax(logprobs, axis=-1) if greedy else sample(logprobs)
-
     # Prefill. MTP slots pair each hidden with the next prompt token, so every chunk but the
     # last runs its slots at once; the last chunk's wait for the first sampled token.
     n = prompt.size
@@ -188,7 +219,7 @@ def mtp_generate_step(
             mx.eval([c.state for c in cache + mtp_cache])
             mx.clear_cache()
     logprobs = _process(model.logits(hidden[:, -1]), history, processors)
-    y = draw(logprobs).reshape(1)
+    y = draw(logprobs).astype(mx.uint32).reshape(1)
     mx.eval(y, logprobs)
     yield y.item(), logprobs[0], False
     pending_hidden, pending_tokens = hidden, mx.concatenate([prompt[start + 1 :], y])
@@ -228,24 +259,12 @@ def mtp_generate_step(
         draft_ids = mx.concatenate(drafts) if drafts else mx.zeros((0,), mx.uint32)
 
         if rejection:
-            q = sampler.probs(logprobs)
-            p = mx.concatenate(draft_probs, axis=0) if drafts else mx.zeros((0, q.shape[-1]))
-            cols = draft_ids[:, None].astype(mx.int32)
-            q_d = mx.take_along_axis(q[:n_draft], cols, axis=-1)[:, 0]
-            p_d = mx.take_along_axis(p, cols, axis=-1)[:, 0]
-            accept = mx.random.uniform(shape=(n_draft,)) * p_d < q_d
-            # Row j < k: the residual max(q - p, 0) a rejection at j samples from; row k: the bonus.
-            residual = mx.concatenate([mx.maximum(q[:n_draft] - p, 0.0), q[n_draft:]], axis=0)
-            fallback = mx.random.categorical(mx.log(residual))
-            mx.eval(accept, fallback, draft_ids, logprobs)
-            a = _first_rejection(accept.tolist())
-            nxt = fallback[a : a + 1].astype(mx.uint32)
+            accept, replacement = _rejection_rule(sampler, logprobs, draft_ids, draft_probs)
         else:
-            targets = draw(logprobs)
-            mx.eval(targets, draft_ids, logprobs)
-            t, d = targets.tolist(), draft_ids.tolist()
-            a = _first_rejection([t[j] == d[j] for j in range(n_draft)])
-            nxt = targets[a : a + 1]
+            accept, replacement = _match_rule(draw, logprobs, draft_ids)
+        mx.eval(accept, replacement, draft_ids, logprobs)
+        a = _first_rejection(accept.tolist())
+        nxt = replacement[a : a + 1].astype(mx.uint32)
 
         stats.record(n_draft, a, a + 1)
         accepted = draft_ids[:a]
@@ -265,9 +284,3 @@ def mtp_generate_step(
         pending_tokens = mx.concatenate([accepted, nxt])
         y = nxt
 
-
-def _extend(history: Optional[mx.array], tokens: List[mx.array]) -> Optional[mx.array]:
-    """The token history a logits processor sees after ``tokens`` (None when no processors run)."""
-    if history is None or not tokens:
-        return history
-    return mx.concatenate([history, *tokens])
