@@ -33,9 +33,10 @@ D, I, IS = 128, 128, 256  # hidden, expert intermediate, shared-expert intermedi
 
 @pytest.fixture(scope="module", autouse=True)
 def emulated_metal():
-    """Kernels built in this module come from the emulator; later modules get fresh ones."""
+    """Kernels built in this module come from the emulator (strict: a SIMD collective reached
+    by part of a SIMD-group is an error); later modules get fresh ones."""
     kernels.build.cache_clear()
-    with me.emulate_metal():
+    with me.emulate_metal(strict=True):
         yield
     kernels.build.cache_clear()
 
