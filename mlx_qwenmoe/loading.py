@@ -187,6 +187,17 @@ def _cast(weights: Dict[str, mx.array], dtype: mx.Dtype) -> Dict[str, mx.array]:
     }
 
 
+def _experts_float32_on_cpu(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """MLX's CPU gather_mm multiplies float32 only, so unquantized experts are widened there
+    (quantized experts go through gather_qmm, which takes any float activations)."""
+    if mx.default_device() != mx.cpu:
+        return weights
+    return {
+        k: v.astype(mx.float32) if ".switch_mlp." in k and v.dtype in (mx.bfloat16, mx.float16) else v
+        for k, v in weights.items()
+    }
+
+
 def load_model(model_dir: Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Tuple[Model, dict]:
     """Build ``Model`` from a local directory and load its weights; returns (model, config dict)."""
     model_dir = Path(model_dir)
@@ -200,6 +211,7 @@ def load_model(model_dir: Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool 
     weights = model.sanitize(raw)
     if dtype is not None:
         weights = _cast(weights, dtype)
+    weights = _experts_float32_on_cpu(weights)
     _quantize(model, config, weights)
     _check_against_model(model, weights, origin, model_dir)
     model.load_weights(list(weights.items()), strict=True)

@@ -110,6 +110,19 @@ def test_qwen3_next_fused_projections(tmp_path):
     assert np.abs(np.array(model(mx.array(ids))) - reference_logits(tm, ids)).max() <= 1e-3
 
 
+def test_bfloat16_weights_load_and_stay_close(tmp_path):
+    path, tm = make_checkpoint(tmp_path)
+    model, _ = load_model(path, dtype=mx.bfloat16)
+    assert model.layers[0].linear_attn.A_log.dtype == mx.float32
+    assert model.layers[0].linear_attn.in_proj_qkv.weight.dtype == mx.bfloat16
+    if mx.default_device() == mx.cpu:
+        assert model.layers[0].mlp.switch_mlp.gate_proj.weight.dtype == mx.float32
+    ids = np.random.RandomState(3).randint(0, BASE["vocab_size"], (1, 24))
+    ours = np.array(model(mx.array(ids)).astype(mx.float32))
+    ref = reference_logits(tm, ids)
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
 def test_mlx_lm_quantized_checkpoint_loads_as_is(tmp_path):
     """A directory written by ``mlx_lm.convert -q`` (what mlx-community ships) loads unchanged,
     and computes what mlx-lm computes from it."""
