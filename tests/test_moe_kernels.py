@@ -114,6 +114,50 @@ def test_experts_match_reference(bits: int, group_size: int, dtype: mx.Dtype) ->
             assert err <= np.abs(np.array(ref.astype(mx.float32)) - exact_y).max()
 
 
+# Each expert kernel on its own, for two formats and the first two EXPERT_CASES.
+SINGLE_KERNEL_FORMATS = [(4, 64, mx.bfloat16), (8, 32, mx.float32)]
+
+
+@pytest.mark.parametrize("bits,group_size,dtype", SINGLE_KERNEL_FORMATS, ids=lambda v: str(v).replace("mlx.core.", ""))
+def test_gate_up_kernel_matches_reference(bits: int, group_size: int, dtype: mx.Dtype) -> None:
+    for case, (n, top_k, num_experts, with_shared) in enumerate(EXPERT_CASES[:2]):
+        seed = 100 + case
+        stored, exact = _moe(num_experts, bits, group_size, dtype, seed)
+        _, inds = _routing(n, top_k, num_experts, seed)
+        x = mx.random.normal((n, D), key=mx.random.key(seed)).astype(dtype)
+        h, zgate = kernel.swiglu_hidden(x, inds, stored[0], stored[1:] if with_shared else None)
+        x32 = x.astype(mx.float32)
+        experts = exact[0]
+        ref = nn.silu(experts.gate_proj(x32[:, None, None], inds)) * experts.up_proj(x32[:, None, None], inds)
+        ref = ref.reshape(n, top_k * I)
+        if with_shared:
+            shared, gate = exact[1:]
+            ref = mx.concatenate([ref, nn.silu(shared.gate_proj(x32)) * shared.up_proj(x32)], axis=-1)
+            _assert_close(zgate, mx.sigmoid(gate(x32)).reshape(n), rtol=1e-5, atol_frac=1e-6)
+        else:
+            assert zgate is None
+        assert h.dtype == mx.float32
+        _assert_close(h, ref, rtol=1e-4, atol_frac=1e-5)
+
+
+@pytest.mark.parametrize("bits,group_size,dtype", SINGLE_KERNEL_FORMATS, ids=lambda v: str(v).replace("mlx.core.", ""))
+def test_down_kernel_matches_reference(bits: int, group_size: int, dtype: mx.Dtype) -> None:
+    for case, (n, top_k, num_experts, with_shared) in enumerate(EXPERT_CASES[:2]):
+        seed = 200 + case
+        stored, exact = _moe(num_experts, bits, group_size, dtype, seed)
+        weights, inds = _routing(n, top_k, num_experts, seed)
+        h = mx.random.normal((n, top_k * I + (IS if with_shared else 0)), key=mx.random.key(seed))
+        zgate = mx.random.uniform(shape=(n,), key=mx.random.key(seed + 1)) if with_shared else None
+        shared_down = stored[1].down_proj if with_shared else None
+        y = kernel.weighted_down(h, inds, weights, stored[0], dtype, shared_down, zgate)
+        per_expert = exact[0].down_proj(h[:, : top_k * I].reshape(n, top_k, 1, I), inds).squeeze(-2)
+        ref = (per_expert * weights[..., None]).sum(axis=-2)
+        if with_shared:
+            ref = ref + zgate[:, None] * exact[1].down_proj(h[:, top_k * I:])
+        assert y.dtype == dtype
+        _assert_close(y, ref, rtol=1e-4 if dtype == mx.float32 else 2**-8, atol_frac=1e-5)
+
+
 def test_unfusable_shared_expert_added_with_ops() -> None:
     """A shared expert quantized differently from the routed ones is still added, outside the kernels."""
     (experts, _, gate), _ = _moe(8, 4, 64, mx.float32, seed=3)

@@ -87,9 +87,86 @@ def _blocks(rows: int) -> int:
     return -(-rows // _ROWS_PER_SIMDGROUP)
 
 
+def _header(shared: bool) -> str:
+    return (_SHARED_DEFINE if shared else "") + metal_source("moe_qdot")
+
+
 def _grid(blocks: int, n: int) -> Tuple[int, int, int]:
     simdgroups = _THREADGROUP // _SIMD
     return (_THREADGROUP * -(-blocks // simdgroups), n, 1)
+
+
+def swiglu_hidden(
+    x: mx.array,
+    inds: mx.array,
+    experts: SwitchGLU,
+    shared: Optional[Tuple[nn.Module, nn.Module]] = None,
+) -> Tuple[mx.array, Optional[mx.array]]:
+    """``moe_gate_up``: silu(gate_e x) * (up_e x) for every selected expert, float32 (n, k * I).
+
+    x (n, D), inds (n, k) uint32. With ``shared`` = (shared expert, its gate), which
+    must be ``shared_fusable``, the shared expert's hidden follows as columns
+    k * I .. k * I + I_shared, and the second result is sigmoid(gate x) (n,).
+    """
+    n, top_k = inds.shape
+    bits, group_size, scales_dtype = quant_format(experts.gate_proj)
+    hidden = experts.gate_proj.output_dims
+    names = ["x", "inds", "gw", "gs", "gb", "uw", "us", "ub"]
+    inputs = [x, inds, *_qparams(experts.gate_proj), *_qparams(experts.up_proj)]
+    template = [("T", x.dtype), ("S", scales_dtype), ("BITS", bits), ("GS", group_size)]
+    outputs, shapes, dtypes = ["h"], [(n, top_k * hidden)], [mx.float32]
+    blocks = top_k * _blocks(hidden)
+    if shared is not None:
+        shared_expert, gate = shared
+        shared_hidden = shared_expert.gate_proj.weight.shape[0]
+        names += ["shg_w", "shg_s", "shg_b", "shu_w", "shu_s", "shu_b", "z_w", "z_s", "z_b"]
+        inputs += [*_qparams(shared_expert.gate_proj), *_qparams(shared_expert.up_proj), *_qparams(gate)]
+        template += [("ZBITS", gate.bits), ("ZGS", gate.group_size)]
+        outputs.append("zgate")
+        shapes = [(n, top_k * hidden + shared_hidden), (n,)]
+        dtypes.append(mx.float32)
+        blocks += _blocks(shared_hidden) + 1  # + one SIMD-group for the shared-expert gate
+    outs = build("moe_gate_up", tuple(names), tuple(outputs), _header(shared is not None))(
+        inputs=inputs,
+        template=template,
+        grid=_grid(blocks, n),
+        threadgroup=(_THREADGROUP, 1, 1),
+        output_shapes=shapes,
+        output_dtypes=dtypes,
+    )
+    return outs[0], (outs[1] if shared is not None else None)
+
+
+def weighted_down(
+    h: mx.array,
+    inds: mx.array,
+    weights: mx.array,
+    experts: SwitchGLU,
+    dtype: mx.Dtype,
+    shared_down: Optional[nn.Module] = None,
+    zgate: Optional[mx.array] = None,
+) -> mx.array:
+    """``moe_down``: sum_j weights[:, j] * down_{inds[:, j]} h_j (+ zgate * shared_down h_shared), (n, D) in ``dtype``.
+
+    h and zgate as ``swiglu_hidden`` returns them; weights (n, k) float32.
+    """
+    n = h.shape[0]
+    bits, group_size, scales_dtype = quant_format(experts.down_proj)
+    dims = experts.down_proj.output_dims
+    names = ["h", "inds", "weights", "dw", "ds", "db"]
+    inputs = [h, inds, weights, *_qparams(experts.down_proj)]
+    if shared_down is not None:
+        names += ["shd_w", "shd_s", "shd_b", "zgate"]
+        inputs += [*_qparams(shared_down), zgate]
+    (y,) = build("moe_down", tuple(names), ("y",), _header(shared_down is not None))(
+        inputs=inputs,
+        template=[("T", dtype), ("S", scales_dtype), ("BITS", bits), ("GS", group_size)],
+        grid=_grid(_blocks(dims), n),
+        threadgroup=(_THREADGROUP, 1, 1),
+        output_shapes=[(n, dims)],
+        output_dtypes=[dtype],
+    )
+    return y
 
 
 def routed_experts(
@@ -108,55 +185,13 @@ def routed_experts(
     if (shared_expert is None) != (shared_expert_gate is None):
         raise ValueError("shared_expert and shared_expert_gate must be given together")
     fuse = shared_expert is not None and shared_fusable(experts, shared_expert, shared_expert_gate)
-    dims, top_k = x.shape[-1], inds.shape[-1]
-    xf = x.reshape(-1, dims)
+    top_k = inds.shape[-1]
+    xf = x.reshape(-1, x.shape[-1])
     n = xf.shape[0]
     inds = inds.reshape(n, top_k).astype(mx.uint32)
-    weights = weights.reshape(n, top_k).astype(mx.float32)
-    bits, group_size, scales_dtype = quant_format(experts.gate_proj)
-    down_bits, down_group, _ = quant_format(experts.down_proj)
-    hidden = experts.gate_proj.output_dims
-    header = metal_source("moe_qdot")
-
-    up_names = ["x", "inds", "gw", "gs", "gb", "uw", "us", "ub"]
-    up_inputs = [xf, inds, *_qparams(experts.gate_proj), *_qparams(experts.up_proj)]
-    up_template = [("T", x.dtype), ("S", scales_dtype), ("BITS", bits), ("GS", group_size)]
-    up_outputs, up_dtypes = ["h"], [mx.float32]
-    blocks = top_k * _blocks(hidden)
-    h_width = top_k * hidden
-    if fuse:
-        shared_hidden = shared_expert.gate_proj.weight.shape[0]
-        up_names += ["shg_w", "shg_s", "shg_b", "shu_w", "shu_s", "shu_b", "z_w", "z_s", "z_b"]
-        up_inputs += [*_qparams(shared_expert.gate_proj), *_qparams(shared_expert.up_proj), *_qparams(shared_expert_gate)]
-        up_template += [("ZBITS", shared_expert_gate.bits), ("ZGS", shared_expert_gate.group_size)]
-        up_outputs.append("zgate")
-        up_dtypes.append(mx.float32)
-        blocks += _blocks(shared_hidden) + 1  # + the shared-expert gate
-        h_width += shared_hidden
-    up_shapes = [(n, h_width)] + ([(n,)] if fuse else [])
-    prefix = _SHARED_DEFINE if fuse else ""
-    outs = build("moe_gate_up", tuple(up_names), tuple(up_outputs), prefix + header)(
-        inputs=up_inputs,
-        template=up_template,
-        grid=_grid(blocks, n),
-        threadgroup=(_THREADGROUP, 1, 1),
-        output_shapes=up_shapes,
-        output_dtypes=up_dtypes,
-    )
-
-    down_names = ["h", "inds", "weights", "dw", "ds", "db"]
-    down_inputs = [outs[0], inds, weights, *_qparams(experts.down_proj)]
-    if fuse:
-        down_names += ["shd_w", "shd_s", "shd_b", "zgate"]
-        down_inputs += [*_qparams(shared_expert.down_proj), outs[1]]
-    (y,) = build("moe_down", tuple(down_names), ("y",), prefix + header)(
-        inputs=down_inputs,
-        template=[("T", x.dtype), ("S", scales_dtype), ("BITS", down_bits), ("GS", down_group)],
-        grid=_grid(_blocks(dims), n),
-        threadgroup=(_THREADGROUP, 1, 1),
-        output_shapes=[(n, dims)],
-        output_dtypes=[x.dtype],
-    )
+    h, zgate = swiglu_hidden(xf, inds, experts, (shared_expert, shared_expert_gate) if fuse else None)
+    shared_down = shared_expert.down_proj if fuse else None
+    y = weighted_down(h, inds, weights.reshape(n, top_k).astype(mx.float32), experts, x.dtype, shared_down, zgate)
     y = y.reshape(x.shape)
     if shared_expert is not None and not fuse:
         y = y + mx.sigmoid(shared_expert_gate(x)) * shared_expert(x)
