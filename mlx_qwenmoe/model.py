@@ -174,8 +174,8 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         weights, inds = route(self.gate(x), self.top_k, self.norm_topk_prob)
-        y = routed_experts(x, inds, weights, self.switch_mlp)
-        return y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        # the shared expert goes in too, so the Metal decode kernels fuse it with the routed ones
+        return routed_experts(x, inds, weights, self.switch_mlp, self.shared_expert, self.shared_expert_gate)
 
 
 class DecoderLayer(nn.Module):
