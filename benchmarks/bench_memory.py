@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -44,6 +46,9 @@ CONTEXTS = (32768, 262144)
 ACTIVATIONS = mx.float32  # see the module docstring
 KV_DTYPE = mx.bfloat16  # the checkpoint's float dtype: the cache a Mac would hold
 RESERVE = GiB  # activations, allocator slack, and not squeezing the other jobs on the machine
+FLOOR = GiB // 2  # MemAvailable below which the measuring child gives up
+ABORTED = 3  # the child's exit status when it gave up
+STEPS_32K = 2  # decode steps over the stand-in 32K context
 
 
 def plan_for(recipe: str, config: Dict[str, Any], fit: str) -> Plan:
@@ -81,8 +86,23 @@ def fill_attention_caches(cache: Sequence[Any], args: ModelArgs, context: int, r
             mx.eval(c.keys, c.values)
 
 
+def guard_memory(floor: int) -> None:
+    """Abort this process, rather than let the kernel's OOM killer pick one of the machine's
+    other jobs, if MemAvailable falls below ``floor`` (others' memory can grow while we run)."""
+
+    def watch() -> None:
+        while C.available_bytes() >= floor:
+            time.sleep(0.25)
+        print(json.dumps({"aborted": f"MemAvailable fell below {gib(floor)} at RSS {gib(C.rss_bytes())} "
+                                     f"(other jobs' memory grew)"}), flush=True)
+        os._exit(ABORTED)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def measure(directory: Path, prefill: int, decode: int, chunk: int, budget_s: float) -> Dict[str, Any]:
     """Run in a child process, so ``ru_maxrss`` is this recipe's alone. Returns the JSON-able results."""
+    guard_memory(FLOOR)
     out: Dict[str, Any] = {"rss_start": C.rss_bytes()}
     start = time.perf_counter()
     model, _ = load_model(directory, lazy=True)
@@ -107,8 +127,8 @@ def measure(directory: Path, prefill: int, decode: int, chunk: int, budget_s: fl
     out["rss_after_first_chunk"] = C.rss_bytes()
     per_token = C.timed(lambda: run_prefill(tokens[:, probe : 2 * probe])) / probe
     out["probe_s_per_token"] = per_token
-    # Decode costs about one prefill token per step here; keep 4 steps for the 32K phase.
-    affordable = int(max(0.0, budget_s - (time.perf_counter() - start)) / per_token) - 4
+    # Decode costs about one prefill token per step here; keep some for the 32K phase.
+    affordable = int(max(0.0, budget_s - (time.perf_counter() - start)) / per_token) - 2 * STEPS_32K
     out["decode_tokens"] = min(decode, max(2, affordable // 4))
     done = 2 * probe
     out["prefill_tokens"] = done + max(0, min(prefill - done, affordable - out["decode_tokens"]))
@@ -128,9 +148,9 @@ def measure(directory: Path, prefill: int, decode: int, chunk: int, budget_s: fl
     out["cache_bytes_after_decode"] = cache_nbytes(cache)
     out["peak_rss_before_32k"] = C.peak_rss_bytes()
 
-    fill_attention_caches(cache, args, CONTEXTS[0], room=4)
+    fill_attention_caches(cache, args, CONTEXTS[0], room=STEPS_32K)
     gc.collect()
-    out["decode_32k_tok_s"] = 4 / C.timed(lambda: run_decode(4))
+    out["decode_32k_tok_s"] = STEPS_32K / C.timed(lambda: run_decode(STEPS_32K))
     out["cache_bytes_32k"] = cache_nbytes(cache)
     out["rss_after_32k"] = C.rss_bytes()
     out["peak_rss"] = C.peak_rss_bytes()
@@ -151,6 +171,7 @@ def main(argv: Sequence[str] = ()) -> None:
     p.add_argument("--decode", type=int, default=32, help="decode tokens (cut to the time budget)")
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk")
     p.add_argument("--budget-min", type=float, default=15.0, help="minutes for load + prefill + decode per recipe")
+    p.add_argument("--wait-min", type=float, default=0.0, help="minutes to wait for other jobs to free the memory")
     p.add_argument("--measure", metavar="DIR", help=argparse.SUPPRESS)  # the child process
     args = p.parse_args(list(argv) or None)
 
@@ -177,7 +198,9 @@ def main(argv: Sequence[str] = ()) -> None:
 
         directory = C.CACHE_ROOT / f"a3b-full-{recipe}"
         need = plan.weight_bytes + cache_bytes(margs, CONTEXTS[0], KV_DTYPE.size) + RESERVE
-        have = C.available_bytes()
+        deadline = time.monotonic() + 60 * args.wait_min
+        while (have := C.available_bytes()) < need and time.monotonic() < deadline:
+            time.sleep(10)
         on_disk = (directory / "model.safetensors.index.json").exists()
         disk_free = shutil.disk_usage(C.CACHE_ROOT.parent if not C.CACHE_ROOT.exists() else C.CACHE_ROOT).free
         skip = None
@@ -196,11 +219,12 @@ def main(argv: Sequence[str] = ()) -> None:
              "--decode", str(args.decode), "--chunk", str(args.chunk), "--budget-min", str(args.budget_min)],
             capture_output=True, text=True,
         )
-        if child.returncode != 0:
-            put("status", f"child failed (exit {child.returncode}): {child.stderr.strip().splitlines()[-1:]}")
+        last = (child.stdout.strip().splitlines() or ["{}"])[-1]
+        r = json.loads(last) if last.startswith("{") else {}
+        if child.returncode != 0 or "aborted" in r:
+            put("status", r.get("aborted") or f"child failed (exit {child.returncode}): {child.stderr.strip().splitlines()[-1:]}")
             print(child.stderr, file=sys.stderr)
             continue
-        r = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"{recipe}: {r}", flush=True)
         put("status", f"ran: prefill {r['prefill_tokens']} of {args.prefill} tokens, decode {r['decode_tokens']} "
                       f"of {args.decode} (cut to the {args.budget_min:g}-min budget)" if r["prefill_tokens"] < args.prefill

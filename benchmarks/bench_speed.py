@@ -96,9 +96,8 @@ def decode(model: Any, cache: List[Any], first: mx.array, n: int) -> None:
 Rates = Tuple[float, float]  # tokens per wall second, tokens per CPU second
 
 
-def measure(models: Dict[str, Any], vocab: int, sizes: Sizes) -> List[Tuple[str, int, Dict[str, List[Rates]]]]:
-    """(phase, tokens, {model: [rates per run]}) for every prefill length and for decode."""
-    out = []
+def measure(models: Dict[str, Any], vocab: int, sizes: Sizes) -> Iterator[Tuple[str, int, Dict[str, List[Rates]]]]:
+    """(phase, tokens, {model: [rates per run]}) for every prefill length, then for decode."""
     prompts = {n: mx.random.randint(0, vocab, (1, n), key=mx.random.key(n)) for n in {*sizes.prefill, sizes.decode_prompt}}
     caches: Dict[Tuple[str, int], List[Any]] = {}
 
@@ -109,7 +108,7 @@ def measure(models: Dict[str, Any], vocab: int, sizes: Sizes) -> List[Tuple[str,
         return run
 
     for n in sizes.prefill:
-        out.append(("prefill", n, C.alternate({k: prefill_run(k, n) for k in models}, sizes.repeats)))
+        yield "prefill", n, C.alternate({k: prefill_run(k, n) for k in models}, sizes.repeats)
     for name, model in models.items():
         if (name, sizes.decode_prompt) not in caches:
             caches[(name, sizes.decode_prompt)] = prefill(model, prompts[sizes.decode_prompt])
@@ -123,8 +122,7 @@ def measure(models: Dict[str, Any], vocab: int, sizes: Sizes) -> List[Tuple[str,
             return sizes.decode_tokens / wall, sizes.decode_tokens / cpu
         return run
 
-    out.append((f"decode@{sizes.decode_prompt}", sizes.decode_tokens, C.alternate({k: decode_run(k) for k in models}, sizes.repeats)))
-    return out
+    yield f"decode@{sizes.decode_prompt}", sizes.decode_tokens, C.alternate({k: decode_run(k) for k in models}, sizes.repeats)
 
 
 @contextlib.contextmanager
@@ -209,7 +207,7 @@ def main(argv: Sequence[str] = ()) -> None:
     args = p.parse_args(list(argv) or None)
 
     print(C.machine_report())
-    print("both models run in this process on the same arrays: a BLAS preload speeds both alike")
+    print("both models run in this process on the same arrays: the BLAS above serves both (it helps whichever does float matmuls)")
     rows = []
     profiles = []
     for config_name in args.configs.split(","):
