@@ -4,7 +4,10 @@ Times ``mlx_qwenmoe.ops.gated_delta.gated_delta_update`` (L2 norm, decay/beta an
 chunked WY/UT form) and ``mlx_lm.models.gated_delta.gated_delta_update`` (decay/beta
 and its per-token ops loop) on the same inputs with the real head shapes (B=1,
 Hk=16, Hv=32, Dk=Dv=128), one DeltaNet layer. Prints wall and process CPU seconds
-(CPU time is the steadier number on a shared machine) and both ratios.
+(CPU time is the steadier number on a shared machine) and both ratios. mlx-lm's side
+runs in pieces of 2048 tokens carrying the state, as its generate() prefills
+(prefill_step_size 2048): one 8192-token call of its loop holds every step's state
+alive and was OOM-killed at 11 GB here.
 
     python benchmarks/bench_gated_delta.py [--lengths 512 2048 8192]
 
@@ -33,6 +36,7 @@ from mlx_lm.models import gated_delta as mlx_lm_gd  # noqa: E402
 from mlx_qwenmoe.ops.gated_delta import gated_delta_update, l2_normalize_qk  # noqa: E402
 
 B, HK, HV, DK, DV = 1, 16, 32, 128, 128
+MLX_LM_STEP = 2048  # mlx-lm generate()'s default prefill_step_size
 
 
 def inputs(T: int) -> Tuple[mx.array, ...]:
@@ -62,6 +66,18 @@ def timed(fn: Callable[[], Tuple[mx.array, mx.array]], reps: int) -> Tuple[float
     return best_wall, best_cpu
 
 
+def mlx_lm_prefill(q, k, v, a, b, A_log, dt_bias, state) -> Tuple[mx.array, mx.array]:
+    ys = []
+    for s in range(0, q.shape[1], MLX_LM_STEP):
+        e = s + MLX_LM_STEP
+        y, state = mlx_lm_gd.gated_delta_update(
+            q[:, s:e], k[:, s:e], v[:, s:e], a[:, s:e], b[:, s:e], A_log, dt_bias, state, use_kernel=False
+        )
+        mx.eval(y, state)
+        ys.append(y)
+    return mx.concatenate(ys, axis=1), state
+
+
 def openblas_loaded() -> bool:
     try:
         with open("/proc/self/maps") as f:
@@ -89,10 +105,7 @@ def main() -> None:
         ours = timed(lambda: gated_delta_update(q, k, v, a, b, A_log, dt_bias, state), 3 if T <= 2048 else 1)
         qn, kn = l2_normalize_qk(q, k)
         mx.eval(qn, kn)
-        theirs = timed(
-            lambda: mlx_lm_gd.gated_delta_update(qn, kn, v, a, b, A_log, dt_bias, state, use_kernel=False),
-            2 if T <= 512 else 1,
-        )
+        theirs = timed(lambda: mlx_lm_prefill(qn, kn, v, a, b, A_log, dt_bias, state), 2 if T <= 512 else 1)
         print(f"| {T} | {ours[0]:.3f} | {ours[1]:.3f} | {theirs[0]:.2f} | {theirs[1]:.2f} "
               f"| {theirs[0] / ours[0]:.1f}x | {theirs[1] / ours[1]:.1f}x |",
               flush=True)

@@ -30,7 +30,7 @@ def supports(dk: int, dv: int) -> bool:
     return dk % 32 == 0 and dk <= 128 and dv % 8 == 0 and (dv <= _STATE_BLOCK or dv % _STATE_BLOCK == 0)
 
 
-def _zeros_state(B: int, Hv: int, Dv: int, Dk: int, state: Optional[mx.array]) -> mx.array:
+def _state_or_zeros(B: int, Hv: int, Dv: int, Dk: int, state: Optional[mx.array]) -> mx.array:
     return mx.zeros((B, Hv, Dv, Dk), dtype=mx.float32) if state is None else state.astype(mx.float32)
 
 
@@ -50,7 +50,7 @@ def decode_step(
     """
     B, _, Hk, Dk = q.shape
     Hv, Dv = v.shape[-2:]
-    state = _zeros_state(B, Hv, Dv, Dk, state)
+    state = _state_or_zeros(B, Hv, Dv, Dk, state)
     kernel = build(
         "gated_delta_decode",
         ("q", "k", "v", "a", "b", "A_log", "dt_bias", "state_in"),
@@ -119,7 +119,7 @@ def chunked(
     (head dims as ``supports`` allows)."""
     B, T, _, Dk = k.shape
     Hv, Dv = v.shape[-2:]
-    state = _zeros_state(B, Hv, Dv, Dk, state)
+    state = _state_or_zeros(B, Hv, Dv, Dk, state)
     g = g.astype(mx.float32)
     outs = []
     for s in range(0, T, SEGMENT):
