@@ -9,7 +9,9 @@ stream is scored in non-overlapping windows of ``--seq`` targets, each window
 starting fresh (no carried state), as in training. With ``--mtp`` the checkpoint's
 ``mtp.*`` tensors are loaded into the training script's MTP head and its
 two-tokens-ahead loss is reported too, which also checks that those tensors
-round-trip. Prints one JSON object.
+round-trip. With ``--mlx`` the checkpoint (e.g. a converted, quantized one) is
+scored by this package's MLX model instead, on the same token windows, so the
+numbers are comparable. Prints one JSON object.
 
 Not imported by the package.
 """
@@ -96,6 +98,29 @@ def perplexity(ckpt: Path, texts: list[str], seq: int = 256, batch: int = 8, mtp
     return out
 
 
+def mlx_perplexity(ckpt: Path, texts: list[str], seq: int = 256, batch: int = 8) -> dict:
+    """Same windows and tokenizer as ``perplexity``, scored by ``mlx_qwenmoe``'s model (float32)."""
+    import mlx.core as mx
+    from transformers import AutoTokenizer
+
+    from mlx_qwenmoe import load
+
+    model, _ = load(ckpt, dtype=mx.float32)
+    stream = token_stream(AutoTokenizer.from_pretrained(str(ckpt)), texts)
+    n_win = (stream.numel() - 1) // seq
+    windows = mx.array(torch.stack([stream[i * seq : i * seq + seq + 1] for i in range(n_win)]).numpy())
+    nll, n = 0.0, 0
+    for i in range(0, n_win, batch):
+        w = windows[i : i + batch]
+        logits = model(w[:, :-1]).astype(mx.float32)
+        target = w[:, 1:]
+        picked = mx.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+        nll += (mx.logsumexp(logits, axis=-1) - picked).sum().item()
+        n += target.size
+    return {"checkpoint": str(ckpt), "backend": "mlx_qwenmoe", "tokens_scored": n, "seq": seq,
+            "nll": nll / n, "ppl": math.exp(nll / n)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path)
@@ -103,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--mtp", action="store_true", help="also score the mtp.* head")
+    ap.add_argument("--mlx", action="store_true", help="score with mlx_qwenmoe instead of transformers")
+    ap.add_argument("--max-files", type=int, default=None, help="only the first N texts (MLX on CPU is slow)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -110,7 +137,12 @@ def main(argv: list[str] | None = None) -> None:
         texts = [p.read_text(encoding="utf-8") for p in args.text]
     else:
         _, texts, _ = train.read_corpus(Path(sysconfig.get_paths()["stdlib"]))
-    print(json.dumps(perplexity(args.checkpoint, texts, args.seq, args.batch, args.mtp), indent=1))
+    texts = texts[: args.max_files]
+    if args.mlx:
+        result = mlx_perplexity(args.checkpoint, texts, args.seq, args.batch)
+    else:
+        result = perplexity(args.checkpoint, texts, args.seq, args.batch, args.mtp)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
