@@ -186,6 +186,57 @@ def test_sampling_uses_the_main_models_distributions(agreeing_model):
         np.testing.assert_allclose(np.stack([np.array(lp) for _, lp, _ in out]), np.array(expected), atol=1e-4)
 
 
+class RecordingMTP:
+    """The model, with every MTP call's last output row recorded."""
+
+    def __init__(self, model: nn.Module):
+        self._model, self.outputs = model, []
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def mtp(self, hidden: mx.array, next_embeddings: mx.array, cache: list) -> mx.array:
+        out = self._model.mtp(hidden, next_embeddings, cache)
+        self.outputs.append(np.array(out[0, -1]))
+        return out
+
+
+def test_chunked_prefill_fills_the_mtp_cache_as_one_chunk(random_model):
+    """The MTP slot at each chunk boundary pairs with the next chunk's first token: the MTP outputs
+    while decoding must not depend on the prefill chunk size."""
+    spies = []
+    for step in (3, 2048):
+        spy = RecordingMTP(random_model)
+        list(mtp_generate_step(PROMPT, spy, max_tokens=12, sampler=None, logits_processors=None,
+                               prefill_step_size=step, draft_tokens=2))
+        spies.append(spy)
+    chunked, whole = spies
+    assert len(chunked.outputs) == len(whole.outputs) + 2  # two chunk boundaries in an 8-token prompt
+    np.testing.assert_allclose(np.stack(chunked.outputs[2:]), np.stack(whole.outputs), atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_cache_holds_only_true_slots(agreeing_model, k):
+    """Each round's first MTP call sees a cache rolled back to verified slots only, caught up with
+    the main model's true hidden states: its output equals the MTP head run over the final
+    sequence in one pass (slot t = hidden t + embedding of token t+1, at position t)."""
+    spy = RecordingMTP(agreeing_model)
+    firsts, tokens, gen = [], [], mtp_generate_step(
+        PROMPT, spy, max_tokens=40, sampler=SamplerSpec(temp=1.0), logits_processors=None, draft_tokens=k)
+    mx.random.seed(2)
+    for token, _, from_draft in gen:
+        if not from_draft:  # the next round starts: its first MTP call is the next one recorded
+            firsts.append((len(spy.outputs), PROMPT.size + len(tokens)))
+        tokens.append(token)
+    full = mx.concatenate([PROMPT, mx.array(tokens, mx.uint32)])
+    hidden = agreeing_model.hidden(full[None])
+    embed = agreeing_model.language_model.model.embed_tokens
+    reference = np.array(agreeing_model.mtp(hidden[:, :-1], embed(full[None, 1:])))[0]
+    checked = [(spy.outputs[i], reference[pos - 1]) for i, pos in firsts if i < len(spy.outputs)]
+    assert len(checked) > 5
+    np.testing.assert_allclose(*map(np.stack, zip(*checked)), atol=1e-4)
+
+
 def test_max_tokens_and_stats_are_exact(agreeing_model):
     for n in (1, 2, 5):
         stats = SpecStats()
