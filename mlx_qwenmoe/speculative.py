@@ -40,6 +40,8 @@ from .errors import CheckpointError
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
+__all__ = ["SamplerSpec", "SpecStats", "mtp_generate_step"]
+
 
 @dataclass
 class SamplerSpec:
@@ -52,7 +54,7 @@ class SamplerSpec:
     min_p: float = 0.0
     top_k: int = 0
     min_tokens_to_keep: int = 1
-    _sample: Callable[[mx.array], mx.array] = field(init=False, repr=False)
+    _sample: Callable[[mx.array], mx.array] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._sample = make_sampler(
