@@ -125,16 +125,17 @@ def measure(directory: Path, prefill: int, decode: int, chunk: int, budget_s: fl
     probe = 4
     out["first_chunk_s"] = C.timed(lambda: run_prefill(tokens[:, :probe]))  # pages every weight in
     out["rss_after_first_chunk"] = C.rss_bytes()
-    per_token = C.timed(lambda: run_prefill(tokens[:, probe : 2 * probe])) / probe
-    out["probe_s_per_token"] = per_token
+    probe_s = C.timed(lambda: run_prefill(tokens[:, probe : 2 * probe]))
+    out["probe_s_per_token"] = probe_s / probe
     # Decode costs about one prefill token per step here; keep some for the 32K phase.
-    affordable = int(max(0.0, budget_s - (time.perf_counter() - start)) / per_token) - 2 * STEPS_32K
+    affordable = int(max(0.0, budget_s - (time.perf_counter() - start)) / out["probe_s_per_token"]) - 2 * STEPS_32K
     out["decode_tokens"] = min(decode, max(2, affordable // 4))
-    done = 2 * probe
-    out["prefill_tokens"] = done + max(0, min(prefill - done, affordable - out["decode_tokens"]))
-    secs = C.timed(lambda: run_prefill(tokens[:, done : out["prefill_tokens"] - 1]))
-    secs += C.timed(lambda: mx.eval(step(tokens[:, out["prefill_tokens"] - 1 : out["prefill_tokens"]])))
-    out["prefill_tok_s"] = (out["prefill_tokens"] - done) / secs if out["prefill_tokens"] > done else None
+    out["prefill_tokens"] = 2 * probe + max(0, min(prefill - 2 * probe, affordable - out["decode_tokens"]))
+    rest = tokens[:, 2 * probe : out["prefill_tokens"]]
+    secs = probe_s
+    if rest.shape[1]:
+        secs += C.timed(lambda: run_prefill(rest[:, :-1])) + C.timed(lambda: mx.eval(step(rest[:, -1:])))
+    out["prefill_tok_s"] = (out["prefill_tokens"] - probe) / secs  # after the first chunk, which pages weights in
     out["rss_after_prefill"] = C.rss_bytes()
 
     def run_decode(n: int) -> None:
@@ -232,11 +233,11 @@ def main(argv: Sequence[str] = ()) -> None:
         put("load (lazy) s / RSS after", f"{r['load_s']:.1f} s / {gib(r['rss_after_load'])}")
         put("RSS after first chunk (all weights paged in)", gib(r["rss_after_first_chunk"]))
         put("prefill / decode tok/s (f32 activations, CPU)",
-            f"{r['prefill_tok_s'] or 0:.2f} / {r['decode_tok_s']:.2f}")
+            f"{r['prefill_tok_s']:.3f} / {r['decode_tok_s']:.3f}")
         put("cache measured after prefill + decode (f32 KV)", gib(r["cache_bytes_after_decode"]))
         put("peak RSS after prefill + decode", gib(r["peak_rss_before_32k"]))
         put("cache measured at 32K (bf16 KV, no MTP layer)", gib(r["cache_bytes_32k"]))
-        put("decode tok/s at 32K", f"{r['decode_32k_tok_s']:.2f}")
+        put("decode tok/s at 32K", f"{r['decode_32k_tok_s']:.3f}")
         put("**peak RSS at 32K**", f"**{gib(r['peak_rss'])}**")
         put("MLX peak memory", gib(r["mlx_peak_memory"]))
 
