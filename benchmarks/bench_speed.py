@@ -156,7 +156,7 @@ def timing_by_type(kinds: Dict[type, str], totals: Dict[str, float]) -> Iterator
 
 
 def profile(models: Dict[str, Any], vocab: int, sizes: Sizes) -> str:
-    """Seconds per decode token and per prefill token spent in each block type, ours vs mlx-lm."""
+    """CPU milliseconds per prefill and per decode token spent in each block type, ours vs mlx-lm."""
     import mlx_lm.models.qwen3_5 as lm35
     import mlx_lm.models.qwen3_next as lmnext
 

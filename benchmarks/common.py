@@ -363,6 +363,3 @@ def cache_state(cache: Sequence[Any]) -> List[Any]:
     return [c.state for c in cache]
 
 
-def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
-
