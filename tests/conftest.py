@@ -8,3 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "metal_emu"))
+
+# Import the package before any test module imports mlx.core, so that on Linux MLX's CPU
+# backend picks up the system OpenBLAS (see mlx_qwenmoe/_blas.py): the suite runs on it.
+import mlx_qwenmoe  # noqa: E402,F401
