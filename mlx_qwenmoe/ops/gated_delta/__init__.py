@@ -20,6 +20,11 @@ from .chunked import gated_delta_chunked
 from .reference import gated_delta_recurrent
 
 
+# Blocks this short (decode, speculative verify) are cheaper token by token than padded to a
+# 64-token chunk: on the CPU the crossover is 6-8 tokens at both tiny and A3B head shapes.
+RECURRENT_MAX_T = 6
+
+
 def decay_and_beta(
     a: mx.array, b: mx.array, A_log: mx.array, dt_bias: mx.array
 ) -> Tuple[mx.array, mx.array]:
@@ -59,8 +64,8 @@ def gated_delta_update(
         return kernel.decode_step(q, k, v, a, b, A_log, dt_bias, state)
     q, k = l2_normalize_qk(q, k)
     g, beta = decay_and_beta(a, b, A_log, dt_bias)
-    if T == 1:
-        return gated_delta_recurrent(q, k, v, g, beta, state)
     if metal:
         return kernel.chunked(q, k, v, g, beta, state)
+    if T <= RECURRENT_MAX_T:
+        return gated_delta_recurrent(q, k, v, g, beta, state)
     return gated_delta_chunked(q, k, v, g, beta, state)
