@@ -21,13 +21,13 @@ VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.", "model.vision_to
 
 # Zero-centred RMSNorms (x * (1 + w)) in the checkpoint; we store 1 + w. The gated
 # norm inside DeltaNet (linear_attn.norm) is a plain x * w and is not listed.
-_OFFSET_NORM_SUFFIXES = (
+OFFSET_NORM_SUFFIXES = (
     ".input_layernorm.weight",
     ".post_attention_layernorm.weight",
     ".q_norm.weight",
     ".k_norm.weight",
 )
-_OFFSET_NORM_KEYS = (
+OFFSET_NORM_KEYS = (
     "language_model.model.norm.weight",
     "mtp.norm.weight",
     "mtp.pre_fc_norm_embedding.weight",
@@ -135,7 +135,7 @@ def hf_to_mlx(weights: Dict[str, Any], args: ModelArgs, *, from_hf: bool) -> Dic
             out.update(_split_qwen3_next(m.group(1), m.group(2), m.group(3), value, args))
         elif from_hf and key.endswith("conv1d.weight") and value.ndim == 3:
             out[key] = value.swapaxes(1, 2)
-        elif from_hf and value.ndim == 1 and (key.endswith(_OFFSET_NORM_SUFFIXES) or key in _OFFSET_NORM_KEYS):
+        elif from_hf and value.ndim == 1 and (key.endswith(OFFSET_NORM_SUFFIXES) or key in OFFSET_NORM_KEYS):
             out[key] = value + 1.0
         else:
             out[key] = value
