@@ -189,11 +189,12 @@ def _cast(weights: Dict[str, mx.array], dtype: mx.Dtype) -> Dict[str, mx.array]:
 
 def _experts_float32_on_cpu(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
     """MLX's CPU gather_mm multiplies float32 only, so unquantized experts are widened there
-    (quantized experts go through gather_qmm, which takes any float activations)."""
+    (quantized experts go through gather_qmm, which takes any float activations; their
+    weights are uint32 and their scales and biases stay as stored)."""
     if mx.default_device() != mx.cpu:
         return weights
     return {
-        k: v.astype(mx.float32) if ".switch_mlp." in k and v.dtype in (mx.bfloat16, mx.float16) else v
+        k: v.astype(mx.float32) if ".switch_mlp." in k and k.endswith(".weight") and v.dtype in (mx.bfloat16, mx.float16) else v
         for k, v in weights.items()
     }
 
