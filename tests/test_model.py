@@ -139,3 +139,17 @@ def test_mlx_lm_quantized_checkpoint_loads_as_is(tmp_path):
     assert "scales" in ours.layers[0].mlp.switch_mlp.gate_proj
     ids = mx.array(np.random.RandomState(4).randint(0, BASE["vocab_size"], (1, 32)))
     assert mx.abs(ours(ids) - theirs(ids)).max().item() <= 1e-4
+
+
+def test_quantized_experts_keep_their_stored_scales(tmp_path):
+    """Only unquantized experts are widened to float32 on the CPU (for gather_mm); a bf16
+    quantized checkpoint keeps bf16 scales and biases, so memory is what the files say."""
+    from mlx_lm import convert as mlx_lm_convert
+
+    hf, _ = make_checkpoint(tmp_path / "hf", multimodal=True)
+    mlx_dir = tmp_path / "mlx"
+    mlx_lm_convert(str(hf), str(mlx_dir), quantize=True, q_group_size=32, q_bits=4, dtype="bfloat16")
+    model, _ = load_model(mlx_dir)
+    experts = model.layers[0].mlp.switch_mlp.gate_proj
+    assert experts.weight.dtype == mx.uint32
+    assert experts.scales.dtype == experts.biases.dtype == mx.bfloat16
