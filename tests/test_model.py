@@ -146,7 +146,7 @@ def test_quantized_experts_keep_their_stored_scales(tmp_path):
     quantized checkpoint keeps bf16 scales and biases, so memory is what the files say."""
     from mlx_lm import convert as mlx_lm_convert
 
-    hf, _ = make_checkpoint(tmp_path / "hf", multimodal=True)
+    hf, _ = make_checkpoint(tmp_path / "hf", multimodal=True, layout="fused")
     mlx_dir = tmp_path / "mlx"
     mlx_lm_convert(str(hf), str(mlx_dir), quantize=True, q_group_size=32, q_bits=4, dtype="bfloat16")
     model, _ = load_model(mlx_dir)
