@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU
 
 from ...kernels import build, metal_source
+from .reference import check_shared_pair, gated_shared_expert
 
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -182,8 +183,7 @@ def routed_experts(
     The shared expert rides in the two kernels when ``shared_fusable``; otherwise
     it is added with ordinary ops.
     """
-    if (shared_expert is None) != (shared_expert_gate is None):
-        raise ValueError("shared_expert and shared_expert_gate must be given together")
+    check_shared_pair(shared_expert, shared_expert_gate)
     fuse = shared_expert is not None and shared_fusable(experts, shared_expert, shared_expert_gate)
     top_k = inds.shape[-1]
     xf = x.reshape(-1, x.shape[-1])
@@ -194,5 +194,5 @@ def routed_experts(
     y = weighted_down(h, inds, weights.reshape(n, top_k).astype(mx.float32), experts, x.dtype, shared_down, zgate)
     y = y.reshape(x.shape)
     if shared_expert is not None and not fuse:
-        y = y + mx.sigmoid(shared_expert_gate(x)) * shared_expert(x)
+        y = y + gated_shared_expert(x, shared_expert, shared_expert_gate)
     return y

@@ -37,10 +37,19 @@ def routed_experts(
     With ``shared_expert`` (and its ``shared_expert_gate``), also adds
     ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``.
     """
-    if (shared_expert is None) != (shared_expert_gate is None):
-        raise ValueError("shared_expert and shared_expert_gate must be given together")
+    check_shared_pair(shared_expert, shared_expert_gate)
     y = experts(x, inds)
     y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
     if shared_expert is not None:
-        y = y + mx.sigmoid(shared_expert_gate(x)) * shared_expert(x)
+        y = y + gated_shared_expert(x, shared_expert, shared_expert_gate)
     return y
+
+
+def check_shared_pair(shared_expert: Optional[nn.Module], shared_expert_gate: Optional[nn.Module]) -> None:
+    if (shared_expert is None) != (shared_expert_gate is None):
+        raise ValueError("shared_expert and shared_expert_gate must be given together")
+
+
+def gated_shared_expert(x: mx.array, shared_expert: nn.Module, shared_expert_gate: nn.Module) -> mx.array:
+    """sigmoid(shared_expert_gate(x)) * shared_expert(x)."""
+    return mx.sigmoid(shared_expert_gate(x)) * shared_expert(x)
