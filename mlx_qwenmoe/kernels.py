@@ -36,7 +36,6 @@ def build(
     input_names: Sequence[str],
     output_names: Sequence[str],
     header: str = "",
-    atomic_outputs: bool = False,
 ) -> Callable:
     """The ``mx.fast.metal_kernel`` for ``metal/<name>.metal`` (names as tuples)."""
     return mx.fast.metal_kernel(
@@ -45,5 +44,4 @@ def build(
         output_names=list(output_names),
         source=metal_source(name),
         header=header,
-        atomic_outputs=atomic_outputs,
     )
