@@ -7,8 +7,8 @@ Recipe rules
 ------------
 * Default (``bits``/``group_size``, affine): every linear layer, the switch (routed expert)
   layers, the embedding and the head at ``bits``; the small gating projections (router
-  ``mlp.gate``, ``shared_expert_gate``, DeltaNet ``in_proj_a``/``in_proj_b``) at 8 bits; norms,
-  ``conv1d``, ``A_log`` and ``dt_bias`` stay float (``A_log`` in float32). MTP tensors follow
+  ``checkpoint.EIGHT_BIT_MODULES``) at 8 bits; norms, ``conv1d``, ``A_log`` and ``dt_bias``
+  stay float (``checkpoint.keeps_float32``: ``A_log`` in float32). MTP tensors follow
   the same rules.
 * Group-size fallback: a tensor whose input dimension the group size does not divide takes
   the largest smaller supported group (64, then 32) that does; if none does, it stays float.
@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from mlx.utils import tree_flatten
 
+from mlx_qwenmoe.checkpoint import EIGHT_BIT_GROUP_SIZE, is_eight_bit, keeps_float32
 from mlx_qwenmoe.config import ModelArgs
 from mlx_qwenmoe.errors import ConfigError
 from mlx_qwenmoe.model import Model
@@ -39,7 +40,6 @@ GROUP_SIZES = (128, 64, 32)
 DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DEFAULT_CONTEXT = 32768
 DEFAULT_RESERVE = GiB // 2  # activations of a prefill chunk, logits, allocator slack
-GATE_BITS = 8
 
 # Tensor kinds, in the order the plan prints them.
 KINDS = ("experts", "shared_expert", "attention", "deltanet", "dense", "gates", "embedding", "head", "float")
@@ -51,7 +51,7 @@ Recipe = Dict[str, Quant]
 
 def _tier(experts: Tuple[int, int], dense: int, embedding: int, head: int) -> Recipe:
     recipe: Recipe = {k: (dense, 64) for k in _DENSE_KINDS}
-    recipe.update(experts=experts, embedding=(embedding, 64), head=(head, 64), gates=(GATE_BITS, 64), float=None)
+    recipe.update(experts=experts, embedding=(embedding, 64), head=(head, 64), gates=(8, EIGHT_BIT_GROUP_SIZE), float=None)
     return recipe
 
 
@@ -179,7 +179,7 @@ def _kind(name: str, quantizable: bool) -> str:
     module = name.rsplit(".", 1)[0]
     if not quantizable:
         return "float"
-    if module.endswith(("mlp.gate", "shared_expert_gate", "in_proj_a", "in_proj_b")):
+    if is_eight_bit(module):
         return "gates"
     for marker, kind in ((".switch_mlp.", "experts"), (".shared_expert.", "shared_expert"), (".self_attn.", "attention"),
                          (".linear_attn.", "deltanet"), ("embed_tokens", "embedding"), ("lm_head", "head")):
@@ -199,8 +199,8 @@ def _group_for(in_dim: int, group_size: int) -> Optional[int]:
 
 
 def _tensor(name: str, shape: Tuple[int, ...], kind: str, unit: str, dtype: str, quant: Quant) -> TensorPlan:
-    if name.endswith("A_log"):
-        dtype = "float32"  # exp(A_log) must not lose precision or overflow in 16-bit floats
+    if keeps_float32(name):
+        dtype = "float32"
     group = _group_for(shape[-1], quant[1]) if quant else None
     if group is None:
         return TensorPlan(name, shape, kind, unit, dtype)
@@ -257,7 +257,7 @@ def plan_conversion(
     common = dict(model_type=args.model_type, num_layers=args.num_hidden_layers, mtp_layers=mtp, dtype=dtype,
                   context=context, cache_bytes=cache, reserve_bytes=reserve_bytes)
     if fit is None:
-        recipe = {k: (GATE_BITS, group_size) if k == "gates" else (bits, group_size) for k in KINDS}
+        recipe = {k: (8, EIGHT_BIT_GROUP_SIZE) if k == "gates" else (bits, group_size) for k in KINDS}
         recipe["float"] = None
         return Plan(bits=bits, group_size=group_size, tensors=build(lambda _u: recipe),
                     recipe=f"{bits}-bit, group {group_size}", **common)

@@ -34,10 +34,29 @@ OFFSET_NORM_KEYS = (
     "mtp.pre_fc_norm_hidden.weight",
 )
 
+# The small projections that choose experts or set the DeltaNet decay get 8 bits whatever the
+# recipe: together they are under 0.1% of the weights, and 4-bit noise there moves routing
+# decisions and exp(-exp(A_log) * softplus(a)) for every token. mlx-lm's qwen3_5_moe recipe
+# names the two routers; we add DeltaNet's a/b projections, in the model's quant_predicate too,
+# so ``mlx_lm.convert`` of our model and our converter quantize alike.
+EIGHT_BIT_MODULES = ("mlp.gate", "shared_expert_gate", "linear_attn.in_proj_a", "linear_attn.in_proj_b")
+EIGHT_BIT_GROUP_SIZE = 64
+
 _PER_EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_GATE_UP = re.compile(r"^(.*\.mlp)\.experts\.gate_up_proj$")
 _FUSED_DOWN = re.compile(r"^(.*\.mlp)\.experts\.down_proj$")
 _QKVZ = re.compile(r"^(.*\.linear_attn)\.in_proj_(qkvz|ba)\.(weight|scales|biases)$")
+
+
+def is_eight_bit(module_path: str) -> bool:
+    """Whether a quantized module is one of ``EIGHT_BIT_MODULES`` (always 8 bits)."""
+    return module_path.endswith(EIGHT_BIT_MODULES)
+
+
+def keeps_float32(name: str) -> bool:
+    """Tensors stored and run in float32 whatever the model dtype: exp(A_log) must neither
+    overflow in float16 nor lose the precision of the decay in bfloat16."""
+    return name.endswith("A_log")
 
 
 def is_vision_key(key: str) -> bool:

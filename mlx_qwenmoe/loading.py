@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import infer_quant_config
 
-from .checkpoint import is_vision_key, rename
+from .checkpoint import is_vision_key, keeps_float32, rename
 from .config import ModelArgs, quantization_of, read_config
 from .errors import CheckpointError, ModelNotFoundError
 from .model import Model
@@ -180,9 +180,9 @@ def _quantize(model: Model, config: dict, weights: Dict[str, mx.array]) -> None:
 
 
 def _cast(weights: Dict[str, mx.array], dtype: mx.Dtype) -> Dict[str, mx.array]:
-    """Cast float tensors to ``dtype``; A_log stays float32 (exp of it must not overflow in fp16)."""
+    """Cast float tensors to ``dtype``, but those that ``keeps_float32``."""
     return {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith("A_log") else v
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not keeps_float32(k) else v
         for k, v in weights.items()
     }
 
