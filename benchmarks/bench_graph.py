@@ -54,6 +54,9 @@ from mlx.utils import tree_flatten, tree_map_with_path  # noqa: E402
 from mlx_lm.models import gated_delta, qwen3_5_moe, qwen3_next, switch_layers  # noqa: E402
 
 from mlx_qwenmoe import kernels  # noqa: E402
+from mlx_qwenmoe import model as model_module  # noqa: E402
+from mlx_qwenmoe.ops import gated_delta as gated_delta_ops  # noqa: E402
+from mlx_qwenmoe.ops.gated_delta import reference as gated_delta_reference  # noqa: E402
 from mlx_qwenmoe.config import ModelArgs  # noqa: E402
 from mlx_qwenmoe.model import Model, SparseMoeBlock  # noqa: E402
 from mlx_qwenmoe.ops import moe  # noqa: E402
@@ -118,6 +121,8 @@ def _fused_function(label: str, fn: Callable) -> Callable:
 COMPILED = [
     (switch_layers, "swiglu"), (qwen3_next, "swiglu"), (qwen3_next, "precise_swiglu"),
     (gated_delta, "compute_g"), (nn, "silu"), (nn, "softplus"),
+    (model_module, "precise_swiglu"), (model_module, "sigmoid_gate"), (gated_delta_ops, "decay_and_beta"),
+    (gated_delta_reference, "recurrent_step"),
 ]
 # Ops that are one kernel each on Metal but that the CPU build expands into their fallback ops.
 FAST = [(mx.fast, name) for name in ("rms_norm", "layer_norm", "rope", "scaled_dot_product_attention")]

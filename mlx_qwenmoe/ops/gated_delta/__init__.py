@@ -9,6 +9,7 @@ One token takes the recurrent step, more take the chunked form; Metal when
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -25,6 +26,7 @@ from .reference import gated_delta_recurrent
 RECURRENT_MAX_T = 6
 
 
+@partial(mx.compile, shapeless=True)
 def decay_and_beta(
     a: mx.array, b: mx.array, A_log: mx.array, dt_bias: mx.array
 ) -> Tuple[mx.array, mx.array]:

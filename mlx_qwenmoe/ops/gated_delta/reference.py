@@ -6,11 +6,14 @@ Per value head h (reading key head h // (Hv // Hk)), with state S of shape (Dv, 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Tuple
 
 import mlx.core as mx
 
 
+# Compiled as mlx-lm compiles its step: one kernel on Metal for the whole update.
+@partial(mx.compile, shapeless=True)
 def recurrent_step(
     q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array
 ) -> Tuple[mx.array, mx.array]:
