@@ -75,6 +75,8 @@ def generate_command(
     if not prompt:
         raise click.UsageError("--prompt: the prompt is empty")
     model, tokenizer = load(model_path)
+    if mtp and not model.has_mtp:
+        raise click.UsageError("--mtp: the checkpoint has no MTP head (no mtp.* tensors)")
     if chat is None:
         chat = tokenizer.has_chat_template
     if chat:
@@ -88,7 +90,8 @@ def generate_command(
         raise click.UsageError("--system and --think/--no-think need --chat")
     mtp_stats = None
     if mtp:
-        from .speculative import SamplerSpec, SpecStats
+        from .sampling import SamplerSpec
+        from .speculative import SpecStats
 
         # Speculative sampling needs the sampler's parameters, not just a function.
         sampler = SamplerSpec(temp, top_p=top_p, min_p=min_p, top_k=top_k)

@@ -16,8 +16,7 @@ from mlx_lm.generate import GenerationResponse, wired_limit
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-Sampler = Callable[[mx.array], mx.array]
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+from .sampling import LogitsProcessor, Sampler, log_probs
 
 __all__ = [
     "GenerationResponse",
@@ -30,18 +29,27 @@ __all__ = [
 ]
 
 
-def prefill(model: nn.Module, tokens: mx.array, cache: List[Any], prefill_step_size: int = 2048) -> None:
+def prefill(
+    model: nn.Module,
+    tokens: mx.array,
+    cache: List[Any],
+    prefill_step_size: int = 2048,
+    on_chunk: Optional[Callable[[mx.array, int, int], List[Any]]] = None,
+) -> None:
     """Run ``tokens`` (1-D) into ``cache``, ``prefill_step_size`` tokens at a time.
 
     Only the hidden states are asked for, and evaluating the cache state after each chunk
     lets MLX free that chunk's activations, so peak memory is the caches plus one chunk
-    whatever the prompt length.
+    whatever the prompt length. ``on_chunk(hidden, start, end)``, if given, runs on each
+    chunk's hidden states and returns more state to evaluate with it (the MTP head's cache).
     """
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be at least 1, not {prefill_step_size}")
     for start in range(0, tokens.size, prefill_step_size):
-        model.hidden(tokens[None, start : start + prefill_step_size], cache)
-        mx.eval([c.state for c in cache])
+        end = min(start + prefill_step_size, tokens.size)
+        hidden = model.hidden(tokens[None, start:end], cache)
+        extra = on_chunk(hidden, start, end) if on_chunk is not None else []
+        mx.eval([c.state for c in cache], extra)
         mx.clear_cache()
 
 
@@ -70,10 +78,7 @@ def generate_step(
     history = prompt
 
     def step(tokens: mx.array) -> Tuple[mx.array, mx.array]:
-        logits = model(tokens[None], cache=cache)[:, -1, :]
-        for processor in logits_processors or ():
-            logits = processor(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_probs(model(tokens[None], cache=cache)[:, -1, :], history, logits_processors or ())
         return sampler(logprobs), logprobs.squeeze(0)
 
     prefill(model, prompt[:-1], cache, prefill_step_size)

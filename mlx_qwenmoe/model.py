@@ -293,6 +293,10 @@ class Model(nn.Module):
     def logits(self, hidden: mx.array) -> mx.array:
         return self.language_model.logits(hidden)
 
+    def embed(self, tokens: mx.array) -> mx.array:
+        """Token embeddings (what the MTP head pairs with hidden states)."""
+        return self.language_model.model.embed_tokens(tokens)
+
     @property
     def has_mtp(self) -> bool:
         return "mtp" in self

@@ -30,57 +30,16 @@ recomputation (benchmarks/README.md has the measurements behind this choice).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
 from .cache import DeltaNetCache
 from .errors import CheckpointError
+from .generate import prefill
+from .sampling import LogitsProcessor, Sampler, SamplerSpec, log_probs
 
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-
-__all__ = ["SamplerSpec", "SpecStats", "mtp_generate_step"]
-
-
-@dataclass
-class SamplerSpec:
-    """mlx-lm's ``make_sampler`` parameters, kept so speculative sampling can compute the
-    distribution the sampler draws from. Callable as a sampler (logprobs -> tokens), so
-    one object serves plain and speculative decoding."""
-
-    temp: float = 0.0
-    top_p: float = 0.0
-    min_p: float = 0.0
-    top_k: int = 0
-    min_tokens_to_keep: int = 1
-    _sample: Callable[[mx.array], mx.array] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self._sample = make_sampler(
-            temp=self.temp, top_p=self.top_p, min_p=self.min_p,
-            min_tokens_to_keep=self.min_tokens_to_keep, top_k=self.top_k,
-        )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temp == 0
-
-    def __call__(self, logprobs: mx.array) -> mx.array:
-        return self._sample(logprobs)
-
-    def probs(self, logprobs: mx.array) -> mx.array:
-        """The distribution ``self(logprobs)`` samples from, per row (filters in make_sampler's order)."""
-        if self.greedy:
-            return (mx.arange(logprobs.shape[-1]) == mx.argmax(logprobs, axis=-1, keepdims=True)).astype(mx.float32)
-        x = logprobs
-        if 0 < self.top_p < 1.0:
-            x = apply_top_p(x, self.top_p)
-        if self.min_p != 0.0:
-            x = apply_min_p(x, self.min_p, self.min_tokens_to_keep)
-        if self.top_k > 0:
-            x = apply_top_k(x, self.top_k)
-        return mx.softmax(x.astype(mx.float32) * (1.0 / self.temp), axis=-1)
+__all__ = ["SpecStats", "mtp_generate_step"]
 
 
 @dataclass
@@ -126,13 +85,6 @@ class SpecStats:
         )
 
 
-def _process(logits: mx.array, history: Optional[mx.array], processors: Sequence[LogitsProcessor]) -> mx.array:
-    """Logits processors then log-softmax, for one (1, V) row, as mlx-lm's generate_step does."""
-    for processor in processors:
-        logits = processor(history, logits)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-
 def _extend(history: Optional[mx.array], tokens: List[mx.array]) -> Optional[mx.array]:
     """The token history a logits processor sees after ``tokens`` (None when no processors run)."""
     if history is None or not tokens:
@@ -160,7 +112,7 @@ def _rejection_rule(
     return accept, mx.random.categorical(mx.log(residual))
 
 
-def _match_rule(draw: Callable[[mx.array], mx.array], logprobs: mx.array, draft_ids: mx.array) -> Tuple[mx.array, mx.array]:
+def _match_rule(draw: Sampler, logprobs: mx.array, draft_ids: mx.array) -> Tuple[mx.array, mx.array]:
     """Draw every position's token as plain decoding would; a draft is accepted iff it equals the
     draw, and the first mismatch keeps the draw. Exact for any sampler, stochastic or not."""
     targets = draw(logprobs)
@@ -171,12 +123,102 @@ def _first_rejection(accept: List[bool]) -> int:
     return next((j for j, ok in enumerate(accept) if not ok), len(accept))
 
 
+class _Speculation:
+    """The state of one speculative generation and its four steps: draft, verify, accept, roll back.
+
+    Between rounds: ``y`` is the last token handed out, and the MTP slots still to run pair
+    ``pending_hidden`` (main-model hidden states) with ``pending_tokens`` (the tokens after them).
+    """
+
+    def __init__(self, model: Any, sampler: Optional[Sampler], processors: List[LogitsProcessor]):
+        self.model, self.processors = model, processors
+        greedy = sampler is None or (isinstance(sampler, SamplerSpec) and sampler.greedy)
+        self.spec = sampler if isinstance(sampler, SamplerSpec) and not greedy else None
+        self.draw = (lambda lp: mx.argmax(lp, axis=-1)) if greedy else sampler
+        self.cache, self.mtp_cache = model.make_cache(), model.make_mtp_cache()
+        self.history: Optional[mx.array] = None
+
+    def mtp(self, hidden: mx.array, next_tokens: mx.array) -> mx.array:
+        return self.model.mtp(hidden, self.model.embed(next_tokens)[None], self.mtp_cache)
+
+    def prefill(self, prompt: mx.array, prefill_step_size: int) -> mx.array:
+        """Run the prompt (MTP slots too) and return the log-probabilities of the first token.
+        Each prompt chunk's MTP slots pair its hidden states with the tokens after them; the
+        last prompt token's slot waits for the first sampled token."""
+
+        def mtp_slots(hidden: mx.array, start: int, end: int) -> List[Any]:
+            self.mtp(hidden, prompt[start + 1 : end + 1])
+            return [c.state for c in self.mtp_cache]
+
+        prefill(self.model, prompt[:-1], self.cache, prefill_step_size, on_chunk=mtp_slots)
+        self.history = prompt if self.processors else None
+        self.pending_hidden = self.model.hidden(prompt[None, -1:], self.cache)
+        logprobs = log_probs(self.model.logits(self.pending_hidden[:, -1]), self.history, self.processors)
+        self.y = self.draw(logprobs).astype(mx.uint32).reshape(1)
+        self.pending_tokens = self.y
+        self.history = _extend(self.history, [self.y])
+        for c in self.cache:
+            if isinstance(c, DeltaNetCache):
+                c.record_steps = True
+        return logprobs
+
+    def draft(self, n: int) -> Tuple[List[mx.array], List[mx.array]]:
+        """``n`` draft tokens (and, for the rejection rule, the distributions they were drawn from).
+        The first MTP call also catches up on the slots accepted last round."""
+        drafts: List[mx.array] = []
+        probs: List[mx.array] = []
+        if n:
+            g = self.mtp(self.pending_hidden, self.pending_tokens)[:, -1:]
+        for j in range(n):
+            lp = log_probs(self.model.logits(g[:, -1]), _extend(self.history, drafts), self.processors)
+            if self.spec is not None:
+                probs.append(self.spec.probs(lp))
+                drafts.append(mx.random.categorical(mx.log(probs[-1])).astype(mx.uint32).reshape(1))
+            else:
+                drafts.append(mx.argmax(lp, axis=-1).reshape(1))
+            if j + 1 < n:
+                g = self.mtp(g, drafts[-1])
+        return drafts, probs
+
+    def verify(self, drafts: List[mx.array]) -> Tuple[mx.array, mx.array]:
+        """One main-model forward over [y, drafts]: its hidden states and (k+1, V) log-probabilities."""
+        hidden = self.model.hidden(mx.concatenate([self.y, *drafts])[None], self.cache)
+        logits = self.model.logits(hidden[0])
+        rows = [
+            log_probs(logits[i : i + 1], _extend(self.history, drafts[:i]), self.processors)
+            for i in range(len(drafts) + 1)
+        ]
+        return hidden, mx.concatenate(rows, axis=0)
+
+    def accept(self, logprobs: mx.array, draft_ids: mx.array, probs: List[mx.array]) -> Tuple[int, mx.array]:
+        """How many drafts stand, and the token that follows them."""
+        if self.spec is not None:
+            accept, replacement = _rejection_rule(self.spec, logprobs, draft_ids, probs)
+        else:
+            accept, replacement = _match_rule(self.draw, logprobs, draft_ids)
+        mx.eval(accept, replacement, draft_ids, logprobs)
+        a = _first_rejection(accept.tolist())
+        return a, replacement[a : a + 1].astype(mx.uint32)
+
+    def roll_back(self, n_draft: int, hidden: mx.array, accepted: mx.array, nxt: mx.array) -> None:
+        """Cut the caches back to what plain decoding would hold, and queue the accepted MTP slots."""
+        a = accepted.size
+        for c in self.cache:
+            c.trim(n_draft - a)
+        for c in self.mtp_cache:
+            c.trim(max(n_draft - 1, 0))
+        self.history = _extend(self.history, [accepted, nxt])
+        self.pending_hidden = hidden[:, : a + 1]
+        self.pending_tokens = mx.concatenate([accepted, nxt])
+        self.y = nxt
+
+
 def mtp_generate_step(
     prompt: mx.array,
     model: Any,
     *,
     max_tokens: int = 256,
-    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    sampler: Optional[Sampler] = None,
     logits_processors: Optional[List[LogitsProcessor]] = None,
     prefill_step_size: int = 2048,
     draft_tokens: int = 2,
@@ -189,100 +231,27 @@ def mtp_generate_step(
     < 0 generates without end. ``stats``, if given, is filled in as generation goes.
     """
     if not getattr(model, "has_mtp", False):
-        raise CheckpointError("the model has no MTP head (no mtp.* tensors in its checkpoint): run without --mtp")
+        raise CheckpointError("the model has no MTP head (no mtp.* tensors in its checkpoint)")
     if draft_tokens < 1:
         raise ValueError(f"draft_tokens must be at least 1, not {draft_tokens}")
     if prompt.size == 0:
         raise ValueError("the prompt is empty")
-    processors = list(logits_processors or [])
-    greedy = sampler is None or (isinstance(sampler, SamplerSpec) and sampler.greedy)
-    rejection = isinstance(sampler, SamplerSpec) and not greedy
-    draw = (lambda lp: mx.argmax(lp, axis=-1)) if greedy else sampler
     stats = stats if stats is not None else SpecStats()
     stats.draft_tokens = draft_tokens
-
-    cache = model.make_cache()
-    mtp_cache = model.make_mtp_cache()
-    embed = model.language_model.model.embed_tokens
-    prompt = prompt.astype(mx.uint32)
-    history = prompt if processors else None
-
-    def mtp(hidden: mx.array, next_tokens: mx.array) -> mx.array:
-        return model.mtp(hidden, embed(next_tokens)[None], mtp_cache)
-
-    # Prefill. MTP slots pair each hidden with the next prompt token, so every chunk but the
-    # last runs its slots at once; the last chunk's wait for the first sampled token.
-    n = prompt.size
-    for start in range(0, n, prefill_step_size):
-        end = min(start + prefill_step_size, n)
-        hidden = model.hidden(prompt[None, start:end], cache)
-        if end < n:
-            mtp(hidden, prompt[start + 1 : end + 1])
-            mx.eval([c.state for c in cache + mtp_cache])
-            mx.clear_cache()
-    logprobs = _process(model.logits(hidden[:, -1]), history, processors)
-    y = draw(logprobs).astype(mx.uint32).reshape(1)
-    mx.eval(y, logprobs)
-    yield y.item(), logprobs[0], False
-    pending_hidden, pending_tokens = hidden, mx.concatenate([prompt[start + 1 :], y])
-    for c in cache:
-        if isinstance(c, DeltaNetCache):
-            c.record_steps = True
-
+    run = _Speculation(model, sampler, list(logits_processors or []))
+    logprobs = run.prefill(prompt.astype(mx.uint32), prefill_step_size)
+    mx.eval(run.y, logprobs)
+    yield run.y.item(), logprobs[0], False
     generated = 1
     while max_tokens < 0 or generated < max_tokens:
         n_draft = draft_tokens if max_tokens < 0 else min(draft_tokens, max_tokens - generated - 1)
-        if history is not None:
-            history = mx.concatenate([history, y])
-
-        # Draft: the first MTP call also catches up on the slots accepted last round.
-        drafts: List[mx.array] = []
-        draft_probs: List[mx.array] = []
-        if n_draft:
-            g = mtp(pending_hidden, pending_tokens)[:, -1:]
-        for j in range(n_draft):
-            lp = _process(model.logits(g[:, -1]), _extend(history, drafts), processors)
-            if rejection:
-                p = sampler.probs(lp)
-                d = mx.random.categorical(mx.log(p)).astype(mx.uint32).reshape(1)
-                draft_probs.append(p)
-            else:
-                d = mx.argmax(lp, axis=-1).reshape(1)
-            drafts.append(d)
-            if j + 1 < n_draft:
-                g = mtp(g, d)
-
-        # Verify all drafts with one forward of the main model.
-        block = mx.concatenate([y, *drafts])
-        hidden = model.hidden(block[None], cache)
-        logits = model.logits(hidden[0])
-        rows = [_process(logits[i : i + 1], _extend(history, drafts[:i]), processors) for i in range(n_draft + 1)]
-        logprobs = mx.concatenate(rows, axis=0)
+        drafts, probs = run.draft(n_draft)
+        hidden, logprobs = run.verify(drafts)
         draft_ids = mx.concatenate(drafts) if drafts else mx.zeros((0,), mx.uint32)
-
-        if rejection:
-            accept, replacement = _rejection_rule(sampler, logprobs, draft_ids, draft_probs)
-        else:
-            accept, replacement = _match_rule(draw, logprobs, draft_ids)
-        mx.eval(accept, replacement, draft_ids, logprobs)
-        a = _first_rejection(accept.tolist())
-        nxt = replacement[a : a + 1].astype(mx.uint32)
-
+        a, nxt = run.accept(logprobs, draft_ids, probs)
         stats.record(n_draft, a, a + 1)
-        accepted = draft_ids[:a]
-        for j, token in enumerate(accepted.tolist()):
-            generated += 1
+        for j, token in enumerate(draft_ids[:a].tolist()):
             yield token, logprobs[j], True
-        generated += 1
         yield nxt.item(), logprobs[a], False
-
-        for c in cache:
-            c.trim(n_draft - a)
-        for c in mtp_cache:
-            c.trim(max(n_draft - 1, 0))
-        if history is not None and a:
-            history = mx.concatenate([history, accepted])
-        pending_hidden = hidden[:, : a + 1]
-        pending_tokens = mx.concatenate([accepted, nxt])
-        y = nxt
-
+        generated += a + 1
+        run.roll_back(n_draft, hidden, draft_ids[:a], nxt)

@@ -9,7 +9,6 @@ the exact distribution of every 4-token continuation is a product of table rows.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Callable
 
 import mlx.core as mx
@@ -17,7 +16,8 @@ import numpy as np
 import pytest
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_qwenmoe.speculative import SamplerSpec, SpecStats, mtp_generate_step
+from mlx_qwenmoe.sampling import SamplerSpec
+from mlx_qwenmoe.speculative import SpecStats, mtp_generate_step
 
 V = 4
 STEPS = 4
@@ -35,7 +35,9 @@ class BigramModel:
         self.table = mx.array(table, dtype=mx.float32)
         self.eye = mx.eye(table.shape[0])
         self.alpha = alpha
-        self.language_model = SimpleNamespace(model=SimpleNamespace(embed_tokens=lambda ids: self.eye[ids]))
+
+    def embed(self, ids: mx.array) -> mx.array:
+        return self.eye[ids]
 
     def make_cache(self) -> list:
         return []
