@@ -20,7 +20,8 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_qwenmoe.cache import DeltaNetCache
 from mlx_qwenmoe.errors import CheckpointError
 from mlx_qwenmoe.loading import load_model
-from mlx_qwenmoe.speculative import SamplerSpec, SpecStats, mtp_generate_step
+from mlx_qwenmoe.sampling import SamplerSpec
+from mlx_qwenmoe.speculative import SpecStats, mtp_generate_step
 from tiny_models import add_mtp, fuse_experts, make_checkpoint
 
 PROMPT = mx.array([1, 5, 7, 9, 11, 3, 42, 17])
