@@ -34,11 +34,27 @@ def make_inputs(B, T, Hk, Hv, Dk, Dv, dtype=mx.float32, seed=0, with_state=True)
     return q, k, v, a, b, A_log, dt_bias, state
 
 
+def oracle_gates(a, b, A_log, dt_bias):
+    """g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b), in float64 numpy: the
+    published formula, not the package's helper, so a bug in that helper cannot hide."""
+    a, b, A_log, dt_bias = (np.array(x.astype(mx.float32), dtype=np.float64) for x in (a, b, A_log, dt_bias))
+    g = -np.exp(A_log) * np.logaddexp(0.0, a + dt_bias)
+    return mx.array(g.astype(np.float32)), mx.array((1 / (1 + np.exp(-b))).astype(np.float32))
+
+
+def oracle_l2norm(q, k, eps=1e-6):
+    """q / |q| / sqrt(Dk) and k / |k| (eps inside the root), as transformers' l2norm and scale."""
+    def unit(x):
+        x64 = np.array(x.astype(mx.float32), dtype=np.float64)
+        return x64 / np.sqrt((x64 * x64).sum(-1, keepdims=True) + eps)
+    return mx.array((unit(q) * q.shape[-1] ** -0.5).astype(np.float32)).astype(q.dtype), mx.array(unit(k).astype(np.float32)).astype(k.dtype)
+
+
 def core_inputs(*shape, **kw):
     """Inputs of the core recurrence: normalised q, k; v; g; beta; state."""
     q, k, v, a, b, A_log, dt_bias, state = make_inputs(*shape, **kw)
-    q, k = gd.l2_normalize_qk(q, k)
-    g, beta = gd.decay_and_beta(a, b, A_log, dt_bias)
+    q, k = oracle_l2norm(q, k)
+    g, beta = oracle_gates(a, b, A_log, dt_bias)
     return q, k, v, g, beta, state
 
 
@@ -86,7 +102,7 @@ def _torch(x):
 def test_update_matches_transformers(T, with_state):
     """Raw q, k (HF normalises in-kernel); HF's state is (B, Hv, Dk, Dv)."""
     q, k, v, a, b, A_log, dt_bias, state = make_inputs(1, T, 2, 4, 32, 16, with_state=with_state)
-    g, beta = gd.decay_and_beta(a, b, A_log, dt_bias)
+    g, beta = oracle_gates(a, b, A_log, dt_bias)
     o, s = gd.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state)
     init = None if state is None else _torch(state).transpose(-1, -2).contiguous()
     common = dict(initial_state=init, output_final_state=True, use_qk_l2norm_in_kernel=True)
