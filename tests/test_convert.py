@@ -3,15 +3,19 @@ in mlx-lm's, stays close to the float model, and is exactly the plan's bytes."""
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from safetensors.numpy import load_file, save_file
 
+from mlx_qwenmoe.checkpoint import rename
 from mlx_qwenmoe.convert import convert, plan_conversion
 from mlx_qwenmoe.loading import load_model
 from tiny_models import make_checkpoint, reference_logits
@@ -56,7 +60,25 @@ def sources(tmp_path_factory):
     (per_expert / "chat_template.jinja").write_text("{{ messages }}")
     (per_expert / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
     fused, torch_b = make_checkpoint(root / "fused", layout="fused", multimodal=True, shards=2, seed=1, **SHAPES)
-    return {"per_expert": (per_expert, reference_logits(torch_a, IDS)), "fused": (fused, reference_logits(torch_b, IDS))}
+    return {"per_expert": (per_expert, torch_a), "fused": (fused, torch_b)}
+
+
+def _fake_quantized(torch_model, plan):
+    """transformers' model with each weight the plan quantizes replaced by quantize-then-dequantize of
+    it, in transformers' own layout. Affine groups run along the input dimension, which every
+    name/layout mapping of the converter leaves alone, so this reference needs none of them (norm
+    offsets, expert stacking): it is what the converted checkpoint must compute, to float error."""
+    model = copy.deepcopy(torch_model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            target = re.sub(r"\.experts\.(gate_up|down)_proj$", lambda m: f".switch_mlp.{'gate' if m.group(1) == 'gate_up' else 'down'}_proj.weight", rename(name))
+            t = plan[target] if target in plan else None
+            if t is None or t.bits is None:
+                continue
+            w = mx.array(p.detach().numpy())
+            w = mx.dequantize(*mx.quantize(w, group_size=t.group_size, bits=t.bits), group_size=t.group_size, bits=t.bits)
+            p.copy_(torch.from_numpy(np.array(w)))
+    return model
 
 
 def _fit_ram(src: Path) -> int:
@@ -79,7 +101,8 @@ def _logit_stats(logits: np.ndarray, ref: np.ndarray):
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 @pytest.mark.parametrize("recipe", ["4bit", "8bit", "fit"])
 def test_converted_checkpoint_loads_and_matches(sources, tmp_path, layout, recipe):
-    src, reference = sources[layout]
+    src, torch_model = sources[layout]
+    reference = reference_logits(torch_model, IDS)
     options = {"4bit": dict(bits=4), "8bit": dict(bits=8), "fit": dict(fit=_fit_ram(src), context=0, reserve=0)}[recipe]
     out = tmp_path / "out"
     plan = convert(src, out, max_shard_bytes=200_000, **options)
@@ -105,6 +128,10 @@ def test_converted_checkpoint_loads_and_matches(sources, tmp_path, layout, recip
           f"({8 * plan.weight_bytes / plan.params:.2f} bits/weight)")
     max_tol, mean_tol, top1_min = TOLERANCE[recipe]
     assert max_diff < max_tol and mean_diff < mean_tol and top1 >= top1_min
+    # The tight check: the same quantization applied in transformers' layout. Float error is ~1e-5;
+    # a wrong norm offset or mapping is >= 0.05 (a q_norm offset bug measured 0.41 above).
+    fake = reference_logits(_fake_quantized(torch_model, plan), IDS)
+    assert np.abs(logits - fake).max() < 2e-3
 
     if layout == "per_expert":
         assert model.has_mtp and any(k.startswith("mtp.") for k in index["weight_map"])
