@@ -167,11 +167,11 @@ def test_qwen3_next_converts_to_qwen3_5_moe(tmp_path):
     import torch
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-    from tiny_models import BASE, _perturb
+    from tiny_models import BASE, perturb
 
     torch.manual_seed(0)
     tm = Qwen3NextForCausalLM(Qwen3NextConfig(**{**BASE, "intermediate_size": 48, "mlp_only_layers": [1]}))
-    _perturb(tm, 0)
+    perturb(tm, 0)
     tm.eval().save_pretrained(tmp_path / "src")
     plan = convert(tmp_path / "src", tmp_path / "out", bits=8)
     assert plan["language_model.model.layers.1.mlp.down_proj.weight"].bits is None

@@ -128,7 +128,8 @@ def test_chat_template_multi_turn(tiny_lm):
         "<|im_start|>assistant\n"
     )
     assert tokenizer.decode(chat_prompt(tokenizer, messages, enable_thinking=False)) == turns + "<think>\n\n</think>\n\n"
-    assert tokenizer.decode(chat_prompt(tokenizer, messages, enable_thinking=True)) == turns + "<think>\n"
+    # The demo template leaves the turn open when thinking is on (the model decides whether to think).
+    assert tokenizer.decode(chat_prompt(tokenizer, messages, enable_thinking=True)) == turns
     assert chat_prompt(tokenizer, messages)[: len(tokenizer.encode(turns))] == tokenizer.encode(turns)
 
 

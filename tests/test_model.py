@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import BASE, _perturb, make_checkpoint, reference_logits
+from tiny_models import BASE, perturb, make_checkpoint, reference_logits
 
 import mlx.core as mx
 from mlx_qwenmoe.loading import load_model
@@ -104,7 +104,7 @@ def test_qwen3_next_fused_projections(tmp_path):
 
     torch.manual_seed(0)
     tm = Qwen3NextForCausalLM(Qwen3NextConfig(**{**BASE, "intermediate_size": 48, "mlp_only_layers": [1]}))
-    _perturb(tm, 0)
+    perturb(tm, 0)
     tm.eval().save_pretrained(tmp_path)
     model, _ = load_model(tmp_path)
     ids = np.random.RandomState(2).randint(0, BASE["vocab_size"], (1, PROMPT_LEN))

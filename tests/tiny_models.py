@@ -19,6 +19,8 @@ from transformers import (
     Qwen3_5MoeTextConfig,
 )
 
+from mlx_qwenmoe.api import default_model_dir
+
 BASE: Dict[str, Any] = dict(
     vocab_size=101,
     hidden_size=64,
@@ -42,7 +44,7 @@ def text_config(**overrides: Any) -> Qwen3_5MoeTextConfig:
     return Qwen3_5MoeTextConfig(**{**BASE, **overrides})
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> None:
+def perturb(model: torch.nn.Module, seed: int) -> None:
     """Random init leaves norms at 0 (offset form) and the router near uniform; shake them so
     that norm offsets, routing and top-k ties are really exercised."""
     g = torch.Generator().manual_seed(seed)
@@ -110,7 +112,7 @@ def make_checkpoint(
         model = Qwen3_5MoeForConditionalGeneration(cfg)
     else:
         model = Qwen3_5MoeForCausalLM(tcfg)
-    _perturb(model, seed)
+    perturb(model, seed)
     model.eval()
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
@@ -130,20 +132,9 @@ def reference_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]
-# Qwen3.5's switch: thinking opens the assistant turn with <think>, no-thinking with an empty block.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- else %}"
-    "{{- '<think>\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
+# The shipped demo model's template (Qwen3.5's enable_thinking switch: an empty think block
+# when thinking is off), so the tests render what users of the bundled model get.
+CHAT_TEMPLATE = json.loads((default_model_dir() / "tokenizer_config.json").read_text())["chat_template"]
 _WORDS = (
     "the a model token expert router layer hello world user assistant system prompt answer "
     "question think fast small mixture of experts gated delta attention cache stream text"
@@ -215,7 +206,7 @@ def add_mtp(model_dir: Path, seed: int = 1) -> None:
     attn = sorted({m.group(1) for k in tensors if (m := re.match(r"^(.*layers\.\d+)\.self_attn\.", k))})[0]
 
     def like(t: np.ndarray) -> np.ndarray:
-        if t.ndim == 1:  # offset norms: around 0, like _perturb leaves them
+        if t.ndim == 1:  # offset norms: around 0, like perturb leaves them
             return (rng.standard_normal(t.shape) * 0.1).astype(t.dtype)
         return (rng.standard_normal(t.shape) * max(float(t.std()), 1e-2)).astype(t.dtype)
 
