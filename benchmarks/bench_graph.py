@@ -3,8 +3,8 @@
 Two tables: the MoE block alone (ours vs mlx-lm's ``Qwen3NextSparseMoeBlock``)
 and a whole decode step of a 4-layer model (ours vs mlx-lm's ``qwen3_5_moe``),
 both on the real Qwen3.5-35B-A3B layer shapes (hidden 2048, 256 experts top-8,
-expert and shared intermediate 512), mlx-lm's quantization recipe (4-bit group
-64, routers 8-bit), bfloat16 activations, one token.
+expert and shared intermediate 512), quantized as ``mlx_qwenmoe convert --bits 4``
+writes it (4-bit group 64; routers and DeltaNet a/b 8-bit), bfloat16 activations, one token.
 
 Counted from the lazy graph, not timed, so the numbers hold for a Mac while
 running anywhere: ``mx.export_function`` reports every primitive with its input
@@ -49,11 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-from common import cache_state, hf_config, machine_report, mlx_lm_recipe, table  # noqa: E402
+from common import cache_state, default_plan, hf_config, machine_report, quantize_as_planned, table  # noqa: E402
 from mlx.utils import tree_flatten, tree_map_with_path  # noqa: E402
 from mlx_lm.models import gated_delta, qwen3_5_moe, qwen3_next, switch_layers  # noqa: E402
 
 from mlx_qwenmoe import kernels  # noqa: E402
+from mlx_qwenmoe.checkpoint import keeps_float32  # noqa: E402
+from mlx_qwenmoe.convert.plan import Plan  # noqa: E402
 from mlx_qwenmoe import model as model_module  # noqa: E402
 from mlx_qwenmoe.ops import gated_delta as gated_delta_ops  # noqa: E402
 from mlx_qwenmoe.ops.gated_delta import reference as gated_delta_reference  # noqa: E402
@@ -248,42 +250,34 @@ def count(graph: Graph, num_experts: int, top_k: int) -> Stats:
 # --- the blocks -------------------------------------------------------------------------------
 
 
-def _quantize(module: nn.Module, prefix: str = "") -> None:
-    """mlx-lm's recipe (``prefix`` completes the paths of a lone block)."""
-
-    def spec(path: str, m: nn.Module) -> Any:
-        bits_group = hasattr(m, "to_quantized") and mlx_lm_recipe(prefix + path, m)
-        return bool(bits_group) and {"bits": bits_group[0], "group_size": bits_group[1]}
-
-    nn.quantize(module, class_predicate=spec)
-
-
-def _concrete(module: nn.Module, dtype: mx.Dtype, prefix: str = "") -> nn.Module:
-    """Quantized, with concrete zeros for every parameter (the graph does not depend on values)."""
-    _quantize(module, prefix)
-    keep = lambda path, p: p.dtype == mx.uint32 or path.endswith("A_log")  # noqa: E731
+def _concrete(module: nn.Module, plan: Plan, dtype: mx.Dtype, prefix: str = "") -> nn.Module:
+    """Quantized as the converter's ``plan`` says, with concrete zeros for every parameter (the
+    graph does not depend on values)."""
+    quantize_as_planned(module, plan, prefix)
+    keep = lambda path, p: p.dtype == mx.uint32 or keeps_float32(path)  # noqa: E731
     module.update(tree_map_with_path(lambda path, p: mx.zeros(p.shape, p.dtype if keep(path, p) else dtype), module.parameters()))
     mx.eval(module.parameters())
     return module
 
 
-def blocks(args: ModelArgs, dtype: mx.Dtype) -> Tuple[nn.Module, nn.Module]:
-    ours = _concrete(SparseMoeBlock(args), dtype, prefix="mlp.")
+def blocks(args: ModelArgs, plan: Plan, dtype: mx.Dtype) -> Tuple[nn.Module, nn.Module]:
+    prefix = "language_model.model.layers.0.mlp."
+    ours = _concrete(SparseMoeBlock(args), plan, dtype, prefix)
     # The block reads only these fields of mlx-lm's ModelArgs.
     theirs_args = SimpleNamespace(
         hidden_size=args.hidden_size, num_experts=args.num_experts, num_experts_per_tok=args.num_experts_per_tok,
         moe_intermediate_size=args.moe_intermediate_size, norm_topk_prob=args.norm_topk_prob,
         shared_expert_intermediate_size=args.shared_expert_intermediate_size,
     )
-    theirs = _concrete(qwen3_next.Qwen3NextSparseMoeBlock(theirs_args), dtype, prefix="mlp.")
+    theirs = _concrete(qwen3_next.Qwen3NextSparseMoeBlock(theirs_args), plan, dtype, prefix)
     return ours, theirs
 
 
-def models(config: Dict[str, Any], dtype: mx.Dtype) -> Tuple[nn.Module, nn.Module]:
+def models(config: Dict[str, Any], plan: Plan, dtype: mx.Dtype) -> Tuple[nn.Module, nn.Module]:
     """Our model and mlx-lm's ``qwen3_5_moe`` on the same (zero) arrays."""
-    theirs = _concrete(qwen3_5_moe.Model(qwen3_5_moe.ModelArgs.from_dict(config)), dtype)
+    theirs = _concrete(qwen3_5_moe.Model(qwen3_5_moe.ModelArgs.from_dict(config)), plan, dtype)
     ours = Model(ModelArgs.from_config(config))
-    _quantize(ours)
+    quantize_as_planned(ours, plan)
     ours.load_weights(tree_flatten(theirs.parameters()), strict=True)
     # As mlx-lm's loader leaves it: in training mode mlx-lm's DeltaNet skips its Metal kernel.
     ours.eval()
@@ -357,8 +351,9 @@ def main() -> None:
     dtype = mx.bfloat16
     config = hf_config("a3b-4l")
     args = ModelArgs.from_config(config)
+    plan = default_plan(config)
 
-    ours, theirs = blocks(args, dtype)
+    ours, theirs = blocks(args, plan, dtype)
     x = mx.zeros((1, 1, args.hidden_size), dtype)
     rows = {
         "mlx-lm Qwen3NextSparseMoeBlock, Metal": measure(lambda: theirs, x, metal=True, args=args),
@@ -369,7 +364,7 @@ def main() -> None:
     report("MoE layer, one decode token (A3B shapes, 4-bit g64 experts, 8-bit routers, bf16)", rows, "weights read")
     del ours, theirs
 
-    ours, theirs = models(config, dtype)
+    ours, theirs = models(config, plan, dtype)
     tokens = mx.array([[1]])
     rows = {"mlx-lm qwen3_5_moe, Metal": measure(decode_step(theirs), tokens, metal=True, args=args)}
     rows["ours, Metal, model wiring today"] = measure(decode_step(ours), tokens, metal=True, args=args)

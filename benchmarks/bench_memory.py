@@ -55,16 +55,6 @@ def plan_for(recipe: str, config: Dict[str, Any], fit: str) -> Plan:
     return plan_conversion(config) if recipe == "default" else plan_conversion(config, fit=fit)
 
 
-def plan_recipe(plan: Plan) -> C.Recipe:
-    """The converter's per-tensor decisions as a checkpoint-generator recipe."""
-
-    def recipe(path: str, _module: Any) -> C.QuantSpec:
-        t = plan[f"{path}.weight"]
-        return (t.bits, t.group_size) if t.bits else None
-
-    return recipe
-
-
 def cache_nbytes(cache: Sequence[Any]) -> int:
     """Bytes the cache arrays hold (KV buffers at their allocated length, DeltaNet states)."""
     total = 0
@@ -213,7 +203,7 @@ def main(argv: Sequence[str] = ()) -> None:
             print(f"{recipe}: {skip}", flush=True)
             put("status", skip)
             continue
-        C.ensure_checkpoint(directory, config, plan_recipe(plan), default=(plan.bits, plan.group_size))
+        C.ensure_checkpoint(directory, config, plan)
         print(f"{recipe}: measuring in a child process ({have / GiB:.1f} GiB available) ...", flush=True)
         child = subprocess.run(
             [sys.executable, __file__, "--measure", str(directory), "--prefill", str(args.prefill),

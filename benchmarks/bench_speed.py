@@ -1,7 +1,7 @@
 """Prefill and decode speed, ours against mlx-lm's ``qwen3_5_moe``, on the same weights in one process.
 
-Both models are built from one random 4-bit checkpoint (routers 8-bit, mlx-lm's
-recipe) and then literally share its arrays, so they differ only in code. Runs
+Both models are built from one random 4-bit checkpoint (what ``mlx_qwenmoe convert
+--bits 4`` writes: routers and DeltaNet a/b at 8 bits) and then literally share its arrays, so they differ only in code. Runs
 alternate between the two, flipping the order every round. Every run is timed in
 wall time and in this process's CPU time: on a shared machine wall time mostly
 measures the other jobs, CPU time measures the work (tokens per CPU-second is the
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] = ()) -> None:
     profiles = []
     for config_name in args.configs.split(","):
         config = C.hf_config(config_name)
-        directory = C.ensure_checkpoint(C.CACHE_ROOT / config_name, config, C.mlx_lm_recipe)
+        directory = C.ensure_checkpoint(C.CACHE_ROOT / config_name, config, C.default_plan(config))
         for dtype_name in args.dtypes.split(","):
             sizes = (QUICK if args.quick else PLAN)[(config_name, dtype_name)]
             sizes = replace(

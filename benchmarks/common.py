@@ -1,11 +1,10 @@
 """What the benchmarks share: the machine report, model shapes, random quantized checkpoints, timing.
 
-Random checkpoints are generated directly in quantized form (random packed
-uint32 codes with scales/biases chosen so every weight has std ~ 1/sqrt(fan_in))
-and written tensor by tensor to mlx-lm's ``qwen3_5_moe`` layout, one decoder
-layer per shard: nothing larger than one tensor is ever held in float. The
-per-module (bits, group_size) come from a ``Recipe``, so the memory benchmark
-can swap mlx-lm's default for the converter's plan.
+Random checkpoints are what the converter writes, tensor for tensor: the converter's
+``Plan`` decides every tensor's bits and group size and ``ShardWriter`` lays out the
+shards, while the values are generated directly in quantized form (random packed
+uint32 codes with scales/biases chosen so every weight has std ~ 1/sqrt(fan_in)), so
+nothing larger than one tensor is ever held in float.
 """
 
 from __future__ import annotations
@@ -19,29 +18,25 @@ import json
 import math
 import os
 import platform
-import re
 import resource
+import shutil
 import statistics
-import struct
+import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from mlx_qwenmoe.config import ModelArgs
+from mlx_qwenmoe.convert.plan import Plan, TensorPlan, plan_conversion
+from mlx_qwenmoe.convert.writer import ShardWriter
 from mlx_qwenmoe.model import Model
 
 CACHE_ROOT = Path(os.environ.get("MLX_QWENMOE_BENCH_CACHE", "~/.cache/mlx_qwenmoe/bench")).expanduser()
-
-# (bits, group_size) for one module, or None to keep it in floating point.
-QuantSpec = Optional[Tuple[int, int]]
-# Decides a module's QuantSpec from its path and the module (built lazily, never evaluated).
-Recipe = Callable[[str, nn.Module], QuantSpec]
 
 _TINY = dict(
     hidden_size=128, num_hidden_layers=8, vocab_size=1024,
@@ -81,13 +76,16 @@ def hf_config(shape: str) -> Dict[str, Any]:
     return {"model_type": "qwen3_5_moe", "tie_word_embeddings": False, "text_config": text, "eos_token_id": [2]}
 
 
-def mlx_lm_recipe(path: str, module: nn.Module) -> QuantSpec:
-    """mlx-lm's default 4-bit group-64 recipe for this model: routers at 8 bits, the rest at 4."""
-    if module.weight.shape[-1] % 64:
-        return None
-    if path.endswith("mlp.gate") or path.endswith("shared_expert_gate"):
-        return (8, 64)
-    return (4, 64)
+def default_plan(config: Dict[str, Any]) -> Plan:
+    """What ``mlx_qwenmoe convert --bits 4`` writes for this config: the converter's own plan."""
+    return plan_conversion(config, bits=4, group_size=64)
+
+
+def quantize_as_planned(module: nn.Module, plan: Plan, prefix: str = "") -> None:
+    """Quantize a model (or, with the ``prefix`` that completes its paths, one block of it) in
+    memory exactly as ``plan`` writes it to disk."""
+    specs = {t.module: {"bits": t.bits, "group_size": t.group_size} for t in plan.tensors if t.bits}
+    nn.quantize(module, class_predicate=lambda path, _m: specs.get(prefix + path, False))
 
 
 def lazy_model(config: Dict[str, Any]) -> Model:
@@ -96,59 +94,12 @@ def lazy_model(config: Dict[str, Any]) -> Model:
     return Model(args, with_mtp=args.mtp_num_hidden_layers > 0)
 
 
-def quant_plan(model: nn.Module, recipe: Recipe) -> Dict[str, QuantSpec]:
-    """The recipe's decision for every quantizable module (Linear, Embedding, SwitchLinear)."""
-    return {
-        path: recipe(path, m)
-        for path, m in model.named_modules()
-        if hasattr(m, "to_quantized") and path
-    }
-
-
-def quantization_section(plan: Dict[str, QuantSpec], default: Tuple[int, int] = (4, 64)) -> Dict[str, Any]:
-    """mlx-lm's ``quantization`` config: defaults plus an entry for every module that differs."""
-    section: Dict[str, Any] = {"group_size": default[1], "bits": default[0], "mode": "affine"}
-    for path, spec in plan.items():
-        if spec is not None and spec != default:
-            section[path] = {"group_size": spec[1], "bits": spec[0], "mode": "affine"}
-    return section
-
-
-def parameter_shapes(config: Dict[str, Any], plan: Dict[str, QuantSpec]) -> List[Tuple[str, Tuple[int, ...], mx.Dtype]]:
-    """Name, shape and dtype of every stored tensor once ``plan`` is applied (computed lazily)."""
-    model = lazy_model(config)
-    specs = {p: s for p, s in plan.items() if s is not None}
-    nn.quantize(
-        model,
-        class_predicate=lambda p, m: {"bits": specs[p][0], "group_size": specs[p][1]} if p in specs else False,
-    )
-    return [(k, tuple(v.shape), v.dtype) for k, v in tree_flatten(model.parameters())]
-
-
-def planned_bytes(shapes: Sequence[Tuple[str, Tuple[int, ...], mx.Dtype]], float_dtype: mx.Dtype) -> int:
-    """Bytes on disk (and in memory) of a checkpoint whose float tensors are ``float_dtype``."""
-    total = 0
-    for name, shape, dtype in shapes:
-        dt = dtype if dtype == mx.uint32 or name.endswith("A_log") else float_dtype
-        total += math.prod(shape) * dt.size
-    return total
-
-
 # --- random tensors -------------------------------------------------------------------------
-
-_ST_DTYPE = {mx.uint32: "U32", mx.float32: "F32", mx.bfloat16: "BF16", mx.float16: "F16"}
 
 
 def _rng(name: str) -> np.random.Generator:
-    # Seeded by the name, so a tensor's scales and biases agree without keeping either.
+    # Seeded by the name, so a run regenerates the same checkpoint.
     return np.random.Generator(np.random.SFC64(zlib.crc32(name.encode())))
-
-
-def _to_dtype(x: np.ndarray, dtype: mx.Dtype) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if dtype == mx.bfloat16:  # numpy has no bfloat16: keep the top half of each float32
-        return (x.view(np.uint32) >> 16).astype(np.uint16)
-    return x.astype(np.float16) if dtype == mx.float16 else x
 
 
 def _scale(name: str, shape: Tuple[int, ...], bits: int, group_size: int) -> np.ndarray:
@@ -159,88 +110,52 @@ def _scale(name: str, shape: Tuple[int, ...], bits: int, group_size: int) -> np.
     return base * _rng(name.rsplit(".", 1)[0]).uniform(0.9, 1.1, size=shape).astype(np.float32)
 
 
-def random_tensor(name: str, shape: Tuple[int, ...], dtype: mx.Dtype, plan: Dict[str, QuantSpec]) -> np.ndarray:
-    """A plausible random value for one stored tensor, already in its on-disk dtype."""
-    module = name.rsplit(".", 1)[0]
-    if dtype == mx.uint32:
-        return _rng(name).integers(0, 2**32, size=shape, dtype=np.uint32)
+def random_tensor(name: str, shape: Tuple[int, ...], dtype: str, planned: TensorPlan) -> mx.array:
+    """A plausible random value for one tensor the plan writes (``planned.outputs``), in its dtype."""
+    if dtype == "uint32":
+        return mx.array(_rng(name).integers(0, 2**32, size=shape, dtype=np.uint32))
     if name.endswith((".scales", ".biases")):
-        bits, group_size = plan[module]
-        s = _scale(name, shape, bits, group_size)
-        out = s if name.endswith(".scales") else -s * (2**bits - 1) / 2  # centre codes on zero
-        return _to_dtype(out, dtype)
-    if name.endswith("A_log"):
-        return np.log(_rng(name).uniform(1.0, 16.0, size=shape)).astype(np.float32)
-    if name.endswith(("norm.weight", "layernorm.weight", "dt_bias")):
-        return _to_dtype(np.ones(shape, np.float32), dtype)  # offset norms are stored as 1 + w
-    if name.endswith("conv1d.weight"):
-        return _to_dtype(_rng(name).uniform(-0.5, 0.5, size=shape), dtype)
-    return _to_dtype(_rng(name).normal(0.0, shape[-1] ** -0.5, size=shape), dtype)
+        s = _scale(name, shape, planned.bits, planned.group_size)
+        x = s if name.endswith(".scales") else -s * (2**planned.bits - 1) / 2  # centre codes on zero
+    elif name.endswith("A_log"):
+        x = np.log(_rng(name).uniform(1.0, 16.0, size=shape))
+    elif name.endswith(("norm.weight", "layernorm.weight", "dt_bias")):
+        x = np.ones(shape)  # offset norms are stored as 1 + w
+    elif name.endswith("conv1d.weight"):
+        x = _rng(name).uniform(-0.5, 0.5, size=shape)
+    else:
+        x = _rng(name).normal(0.0, shape[-1] ** -0.5, size=shape)
+    return mx.array(x.astype(np.float32)).astype(getattr(mx, dtype))
 
 
-def _write_safetensors(path: Path, entries: List[Tuple[str, Tuple[int, ...], mx.Dtype]], make: Callable) -> None:
-    """Stream tensors into a safetensors file one at a time (header first, from the shapes)."""
-    header: Dict[str, Any] = {}
-    offset = 0
-    for name, shape, dtype in entries:
-        n = math.prod(shape) * dtype.size
-        header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    header["__metadata__"] = {"format": "mlx"}
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, shape, dtype in entries:
-            data = make(name, shape, dtype)
-            assert data.nbytes == math.prod(shape) * dtype.size, name
-            f.write(memoryview(data).cast("B"))
-            del data
-    tmp.rename(path)
-
-
-def _shard_of(name: str) -> str:
-    m = re.match(r"^(mtp\.|language_model\.model\.)layers\.(\d+)\.", name)
-    if m is None:
-        return "model-globals"
-    return f"model-{'mtp-' if m.group(1) == 'mtp.' else ''}layer{int(m.group(2)):03d}"
-
-
-def ensure_checkpoint(
-    directory: Path,
-    config: Dict[str, Any],
-    recipe: Recipe,
-    default: Tuple[int, int] = (4, 64),
-    float_dtype: mx.Dtype = mx.bfloat16,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Generate (once) a random quantized checkpoint in ``directory``; reuses it when complete.
-
-    ``default`` is the (bits, group_size) written as config.json's default ``quantization``.
-
-    The index is written last, so an interrupted run regenerates instead of loading a partial one.
-    """
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    plan = quant_plan(lazy_model(config), recipe)
-    shapes = parameter_shapes(config, plan)
-    dtypes = {n: (d if d == mx.uint32 or n.endswith("A_log") else float_dtype) for n, _, d in shapes}
-    shards: Dict[str, List[Tuple[str, Tuple[int, ...], mx.Dtype]]] = {}
-    for name, shape, _ in shapes:
-        shards.setdefault(_shard_of(name), []).append((name, shape, dtypes[name]))
-    log(f"generating {planned_bytes(shapes, float_dtype) / 1e9:.2f} GB of random weights in {directory} ...")
-    make = lambda n, s, d: random_tensor(n, s, d, plan)  # noqa: E731
-    weight_map = {}
-    for shard, entries in sorted(shards.items()):
-        fname = f"{shard}.safetensors"
-        _write_safetensors(directory / fname, entries, make)
-        weight_map.update({name: fname for name, _, _ in entries})
-    full = dict(config, quantization=quantization_section(plan, default))
-    (directory / "config.json").write_text(json.dumps(full, indent=1))
-    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+def ensure_checkpoint(directory: Path, config: Dict[str, Any], plan: Plan, log: Callable[[str], None] = print) -> Path:
+    """Generate (once) a random checkpoint in ``directory`` laid out and quantized as ``plan`` says,
+    written by the converter's own ``ShardWriter``; reuses it when complete. It is built beside
+    ``directory`` and renamed into place, so an interrupted run leaves nothing to mistake for it."""
+    if (directory / "model.safetensors.index.json").exists():
+        written = json.loads((directory / "config.json").read_text()).get("quantization")
+        if written == plan.quantization_config():
+            return directory
+        log(f"{directory}: quantized differently from the plan; generating it again")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory.parent).free
+    if free < plan.weight_bytes * 1.05:
+        raise SystemExit(f"{directory}: the checkpoint needs {plan.weight_bytes / 2**30:.2f} GiB of disk, "
+                         f"{free / 2**30:.2f} GiB free (set MLX_QWENMOE_BENCH_CACHE to another disk)")
+    log(f"generating {plan.weight_bytes / 2**30:.2f} GiB of random weights in {directory} ...")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        writer = ShardWriter(tmp, [o for t in plan.tensors for o in t.outputs])
+        for t in plan.tensors:
+            for name, shape, dtype in t.outputs:
+                writer.write(name, random_tensor(name, shape, dtype, t))
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(dict(config, quantization=plan.quantization_config()), indent=1))
+        shutil.rmtree(directory, ignore_errors=True)  # an incomplete one from an older layout
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory
 
 
