@@ -37,7 +37,6 @@ import importlib
 import math
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,7 +44,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402

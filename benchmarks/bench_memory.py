@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402  (imports mlx_qwenmoe before mlx: see common)
 import mlx.core as mx  # noqa: E402

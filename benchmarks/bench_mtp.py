@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402  (imports mlx_qwenmoe before mlx: see common)
 import mlx.core as mx  # noqa: E402
@@ -49,12 +47,10 @@ TEXT_PROMPTS = [
 
 
 def random_checkpoint() -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_models import add_mtp, make_checkpoint
-
-    out, _ = make_checkpoint(Path(tempfile.mkdtemp(prefix="bench_mtp_")), seed=3)
-    add_mtp(out, seed=4)
-    return out
+    """A random tiny checkpoint with an MTP layer, as the converter writes it (4-bit)."""
+    config = C.hf_config("tiny")
+    config["text_config"]["mtp_num_hidden_layers"] = 1
+    return C.ensure_checkpoint(C.CACHE_ROOT / "tiny-mtp", config, C.default_plan(config))
 
 
 def prompts(model_dir: Path, vocab: int, n: int) -> List[mx.array]:

@@ -30,7 +30,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402  (imports mlx_qwenmoe before mlx: see common)
 import mlx.core as mx  # noqa: E402

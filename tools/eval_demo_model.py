@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -31,7 +30,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_demo_model as train  # noqa: E402
 
 
