@@ -33,9 +33,18 @@ class APIError(Exception):
         return JSONResponse(self.to_dict(), status_code=self.status)
 
 
+# Pydantic names the member of a Union it tried in the error's location ("str", "list[int]",
+# "TextPart"); OpenAI's ``param`` is the field path alone.
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _is_field(part: str) -> bool:
+    return part != "body" and "[" not in part and not part[:1].isupper() and part not in _TYPE_NAMES
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if _is_field(str(p))]
     if first.get("type") == "json_invalid":
         return APIError(f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
     param = ".".join(loc) or None
