@@ -1,6 +1,7 @@
 """``mlx_qwenmoe serve``: the real server process on the bundled model, driven with the
 official ``openai`` client (and raw HTTP where a client would refuse to send the request)."""
 
+import concurrent.futures
 import json
 import os
 import re
@@ -163,6 +164,7 @@ BAD = {
     "prompt longer than the context": ({"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     "prompt + max_tokens past the context": ({"max_tokens": 4090}, 400, "messages"),
     "unknown model": ({"model": "../../etc/passwd"}, 404, "model"),
+    "another chat template": ({"chat_template_kwargs": {"chat_template": "{{ 'x' }}"}}, 400, "chat_template_kwargs"),
 }
 
 
@@ -195,6 +197,13 @@ def test_bad_completion_requests(server, client):
 def test_unknown_fields_are_ignored(client):
     r = _chat(client, max_tokens=2, extra_body={"some_new_field": {"x": 1}, "user": "me"})
     assert r.usage.completion_tokens == 2
+
+
+def test_concurrent_requests_are_queued(server, client):
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda n: _chat(client, max_tokens=n), [6, 5, 4]))
+    assert [r.usage.completion_tokens for r in results] == [6, 5, 4]
+    assert len({r.id for r in results}) == 3
 
 
 def _wait_idle(base):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -59,6 +60,19 @@ def template_messages(messages: Sequence[Message]) -> List[Dict[str, Any]]:
     return out
 
 
+def _template_variables(tokenizer: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``chat_template_kwargs`` as variables for the template only: none may set a parameter of
+    ``apply_chat_template`` itself (another template, tokenizer options, return types)."""
+    hf_tokenizer = getattr(tokenizer, "_tokenizer", tokenizer)
+    params = inspect.signature(type(hf_tokenizer).apply_chat_template).parameters
+    reserved = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    for name in sorted(kwargs):
+        if name in reserved or not name.isidentifier():
+            raise APIError(f"'chat_template_kwargs.{name}': not a template variable the server passes on",
+                           param="chat_template_kwargs")
+    return kwargs
+
+
 def render_chat(
     tokenizer: Any, request: ChatCompletionRequest, tools: Optional[List[Dict[str, Any]]]
 ) -> List[int]:
@@ -68,10 +82,7 @@ def render_chat(
     for ``api.chat_prompt_with_boundaries``."""
     if not tokenizer.has_chat_template:
         raise APIError("this model has no chat template: use /v1/completions", param="messages")
-    kwargs = dict(request.chat_template_kwargs or {})
-    for reserved in ("add_generation_prompt", "tokenize", "tools", "messages", "conversation"):
-        if reserved in kwargs:
-            raise APIError(f"'chat_template_kwargs.{reserved}' is set by the server", param="chat_template_kwargs")
+    kwargs = _template_variables(tokenizer, dict(request.chat_template_kwargs or {}))
     try:
         text = tokenizer.apply_chat_template(
             template_messages(request.messages), tools=tools, add_generation_prompt=True, tokenize=False, **kwargs
