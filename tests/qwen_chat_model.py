@@ -8,7 +8,6 @@ thinking paths run against the real weights and tokenizer.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from mlx_qwenmoe.api import default_model_dir

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..generate import prompt_token_ids
 from . import openai_format as fmt
-from .backend import Backend, GenerationJob, SamplingParams, TokenLogprob
+from .backend import Backend, GenerationJob, SamplingParams, Step
 from .http_errors import APIError, install_error_handlers
 from .prompt import render_chat
 from .schemas import ChatCompletionRequest, CompletionRequest, Sampling
@@ -103,6 +103,14 @@ async def _run(request: Request, handle: JobHandle) -> AsyncIterator[Any]:
             await watcher
 
 
+async def _collect(request: Request, handle: JobHandle) -> List[Step]:
+    """Every step of a non-streamed job, the last one finished."""
+    steps = [step async for step in _run(request, handle)]
+    if not steps or steps[-1].usage is None:
+        raise APIError("the generation was cancelled", status=499, code="cancelled")
+    return steps
+
+
 def _stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -150,17 +158,13 @@ async def _chat(server: _Server, request: Request, body: ChatCompletionRequest) 
     if body.stream:
         env.object = "chat.completion.chunk"
         return _stream(_guarded(_chat_chunks(_run(request, handle), parser, env, body.include_usage)))
-    events, logprobs, last = [], [], None
-    async for last in _run(request, handle):
-        events += parser.feed(last.text) + (parser.finish() if last.finish_reason else [])
-        if last.logprob is not None:
-            logprobs.append(last.logprob)
-    if last is None or last.usage is None:
-        raise APIError("the generation was cancelled", status=499, code="cancelled")
+    steps = await _collect(request, handle)
+    last = steps[-1]
+    events = parser.feed("".join(s.text for s in steps)) + parser.finish()
     choice = {
         "index": 0,
         "message": fmt.chat_message(events),
-        "logprobs": fmt.chat_logprobs(logprobs) if top is not None else None,
+        "logprobs": fmt.chat_logprobs([s.logprob for s in steps]) if top is not None else None,
         "finish_reason": fmt.finish_reason(last.finish_reason, parser.calls),
     }
     return JSONResponse(env.wrap([choice], usage=fmt.usage_dict(last.usage)))
@@ -207,19 +211,12 @@ async def _completion(server: _Server, request: Request, body: CompletionRequest
     handle = server.worker.submit(job)
     if body.stream:
         return _stream(_guarded(_completion_chunks(_run(request, handle), env, body.include_usage)))
-    texts: List[str] = []
-    logprobs: List[TokenLogprob] = []
-    last = None
-    async for last in _run(request, handle):
-        texts.append(last.text)
-        if last.logprob is not None:
-            logprobs.append(last.logprob)
-    if last is None or last.usage is None:
-        raise APIError("the generation was cancelled", status=499, code="cancelled")
+    steps = await _collect(request, handle)
+    last = steps[-1]
     choice = {
         "index": 0,
-        "text": "".join(texts),
-        "logprobs": fmt.completion_logprobs(logprobs) if body.logprobs is not None else None,
+        "text": "".join(s.text for s in steps),
+        "logprobs": fmt.completion_logprobs([s.logprob for s in steps]) if body.logprobs is not None else None,
         "finish_reason": last.finish_reason,
     }
     return JSONResponse(env.wrap([choice], usage=fmt.usage_dict(last.usage)))
