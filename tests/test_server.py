@@ -132,6 +132,11 @@ def test_chat_logprobs_and_stop(client):
     assert cut.finish_reason == "stop" and stop not in cut.message.content and full.startswith(cut.message.content)
 
 
+def test_seed_makes_sampling_repeatable(client):
+    runs = [_chat(client, temperature=1.0, seed=7).choices[0].message.content for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
 def test_completions(client):
     r = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=6, temperature=0, logprobs=2)
     assert r.choices[0].text and r.usage.completion_tokens == 6
@@ -226,6 +231,22 @@ def test_client_disconnect_stops_generation(server, client):
     generated = int(re.search(r"(\d+) tokens, (cancelled|finish)", line).group(1))
     assert "cancelled" in line and generated < 3000, line
     assert idle["memory_after_last_request"] <= baseline
+    assert _chat(client, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_client_disconnect_without_streaming(server, client):
+    base, log_path = server
+    port = int(base.rsplit(":", 1)[1])
+    body = json.dumps({"model": MODEL, "prompt": "class Parser:", "max_tokens": 3000, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while not _get(base + "/health")["active_requests"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    _wait_idle(base)
+    assert re.search(r"(?<!chat)cmpl-\w+: prompt \d+ tokens.* (\d+) tokens, cancelled", log_path.read_text())
     assert _chat(client, max_tokens=2).usage.completion_tokens == 2
 
 

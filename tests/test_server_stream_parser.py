@@ -2,9 +2,14 @@
 writes tool calls the way Qwen3.5's does: what the template writes for an assistant turn
 must parse back into the same reasoning, content and calls, however the text is split."""
 
+import asyncio
 import json
 
 import pytest
+
+from mlx_qwenmoe.server.app import _chat_chunks
+from mlx_qwenmoe.server.backend import Step, Usage
+from mlx_qwenmoe.server.openai_format import Envelope
 
 from mlx_qwenmoe.server.stream_parser import (
     CONTENT,
@@ -150,3 +155,31 @@ def test_without_tools_a_tool_block_is_content(tokenizer):
     parser = OutputParser(think=think_tags(tokenizer), thinking=False, tools=None)
     events = parser.feed(text) + parser.finish()
     assert events == [TextDelta(CONTENT, text)]
+
+
+def test_streamed_chunks_of_parallel_tool_calls(tokenizer):
+    """The SSE chunks the chat endpoint sends for a turn that ends in two tool calls, fed one
+    character per generation step."""
+    calls = [_call("search", {"query": "a", "filters": {"x": [1]}}), _call("now", {})]
+    text, _ = _model_output(tokenizer, {"role": "assistant", "content": "", "reasoning_content": "r", "tool_calls": calls})
+    steps = [Step(text=c, token=0) for c in text] + [Step("", 0, finish_reason="stop", usage=Usage(5, len(text) + 1, 0))]
+
+    async def replay():
+        for step in steps:
+            yield step
+
+    async def collect():
+        env = Envelope.new("chat.completion.chunk", "m", "chatcmpl")
+        return [chunk async for chunk in _chat_chunks(replay(), _parser(tokenizer), env, True)]
+
+    chunks = [json.loads(c[len("data: "):]) for c in asyncio.run(collect())]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert "".join(d.get("reasoning_content", "") for d in deltas).strip() == "r"
+    assert not "".join(d.get("content") or "" for d in deltas)
+    streamed = [t for d in deltas for t in d.get("tool_calls", [])]
+    assert [(t["index"], t["type"], t["function"]["name"], json.loads(t["function"]["arguments"])) for t in streamed] == [
+        (i, "function", c["function"]["name"], c["function"]["arguments"]) for i, c in enumerate(calls)
+    ]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "tool_calls"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(text) + 1
