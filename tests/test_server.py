@@ -222,7 +222,7 @@ def _wait_idle(base):
 def test_client_disconnect_stops_generation(server, client):
     base, log_path = server
     _chat(client, max_tokens=4)
-    baseline = _wait_idle(base)["memory_after_last_request"]
+    baseline = _wait_idle(base)["memory_after_last_request_bytes"]
     stream = _chat(client, content="class Parser:", max_tokens=3000, stream=True)
     first = next(iter(stream))
     stream.close()
@@ -230,7 +230,7 @@ def test_client_disconnect_stops_generation(server, client):
     line = next(ln for ln in log_path.read_text().splitlines() if first.id in ln)
     generated = int(re.search(r"(\d+) tokens, (cancelled|finish)", line).group(1))
     assert "cancelled" in line and generated < 3000, line
-    assert idle["memory_after_last_request"] <= baseline
+    assert idle["memory_after_last_request_bytes"] <= baseline
     assert _chat(client, max_tokens=2).usage.completion_tokens == 2
 
 

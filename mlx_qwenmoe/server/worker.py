@@ -84,7 +84,7 @@ class Worker:
         return {
             "active_requests": int(self._active is not None),
             "queued_requests": self._jobs.qsize(),
-            "memory_after_last_request": self._memory_after_last_job,
+            "memory_after_last_request_bytes": self._memory_after_last_job,
         }
 
     def _run(self) -> None:
