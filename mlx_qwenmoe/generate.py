@@ -125,13 +125,18 @@ class StopStrings:
         return out
 
 
+def prompt_token_ids(tokenizer: Any, text: str) -> List[int]:
+    """A text prompt's ids as mlx-lm makes them: the tokenizer's special tokens are added
+    unless the text already starts with BOS."""
+    bos = tokenizer.bos_token
+    return tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
+
+
 def _prompt_ids(tokenizer: TokenizerWrapper, prompt: Union[str, Sequence[int], mx.array]) -> mx.array:
     if isinstance(prompt, mx.array):
         return prompt
     if isinstance(prompt, str):
-        # As mlx-lm: add the tokenizer's special tokens unless the text already starts with BOS.
-        bos = tokenizer.bos_token
-        prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+        prompt = prompt_token_ids(tokenizer, prompt)
     return mx.array(list(prompt), dtype=mx.uint32)
 
 
