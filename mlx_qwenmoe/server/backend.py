@@ -14,7 +14,8 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
 
 from ..generate import stream_generate
-from ..speculative import SamplerSpec, SpecStats
+from ..sampling import SamplerSpec
+from ..speculative import SpecStats
 
 log = logging.getLogger("mlx_qwenmoe.server")
 
