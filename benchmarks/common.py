@@ -219,7 +219,8 @@ def ensure_checkpoint(
 
     ``default`` is the (bits, group_size) written as config.json's default ``quantization``.
 
-    The index is written last, so an interrupted run regenerates instead of loading a partial one.
+    The index is written last, so an interrupted run is never loaded as complete; a rerun keeps
+    the shards already written (each is written to a temporary name, then renamed).
     """
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -236,7 +237,8 @@ def ensure_checkpoint(
     weight_map = {}
     for shard, entries in sorted(shards.items()):
         fname = f"{shard}.safetensors"
-        _write_safetensors(directory / fname, entries, make)
+        if not (directory / fname).exists():
+            _write_safetensors(directory / fname, entries, make)
         weight_map.update({name: fname for name, _, _ in entries})
     full = dict(config, quantization=quantization_section(plan, default))
     (directory / "config.json").write_text(json.dumps(full, indent=1))

@@ -83,12 +83,12 @@ def test_slots_are_reused_under_pressure_and_hold_the_right_rows(tiny_dir):
     by_name = dict(moe_blocks(resident))
     for (prefix, block), slots in zip(moe_blocks(model), stream.layers):
         assert block.switch_mlp.gate_proj.weight.shape[0] == slots.num_slots == stream.num_slots
-        held = np.nonzero(slots.expert_at >= 0)[0]
+        held = np.nonzero(slots.map.expert_at >= 0)[0]
         assert held.size == slots.num_slots
         for name in ("weight", "scales", "biases"):
             pool = np.array(getattr(block.switch_mlp.down_proj, name))
             full_rows = np.array(getattr(by_name[prefix].switch_mlp.down_proj, name))
-            np.testing.assert_array_equal(pool[held], full_rows[slots.expert_at[held]])
+            np.testing.assert_array_equal(pool[held], full_rows[slots.map.expert_at[held]])
     stream.close()
 
 

@@ -18,7 +18,6 @@ from mlx.utils import tree_flatten
 
 from ..errors import QwenMoeError
 from ..model import Model, SparseMoeBlock
-from .policy import POLICIES
 from .reader import CheckpointFiles
 from .slots import ExpertSlots, StreamStats
 
@@ -75,8 +74,6 @@ def stream_experts(
     blocks = moe_blocks(model)
     if not blocks:
         raise BudgetError("max_resident: this model has no routed experts to stream")
-    if policy not in POLICIES:
-        raise ValueError(f"policy {policy!r}: expected one of {', '.join(POLICIES)}")
     per_expert = expert_bytes(blocks[0][1])
     num_experts = blocks[0][1].switch_mlp.gate_proj.weight.shape[0]
     slots = min(max_resident // (len(blocks) * per_expert), num_experts)

@@ -24,7 +24,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..ops.moe import MAX_DECODE_TOKENS, route, routed_experts
 from ..ops.moe.reference import check_shared_pair, combine
-from .policy import POLICIES
+from .slotmap import SlotMap
 from .reader import CheckpointFiles, TensorRows
 
 
@@ -94,9 +94,7 @@ class ExpertSlots:
             self._dtypes.append(value.dtype)
             modules[owner][leaf] = mx.zeros((num_slots, *value.shape[1:]), dtype=value.dtype)
         self.expert_bytes = sum(r.row_bytes for r in self._rows)
-        self.slot_of = np.full(self.num_experts, -1, dtype=np.int64)
-        self.expert_at = np.full(num_slots, -1, dtype=np.int64)
-        self.policy = POLICIES[policy](num_slots)
+        self.map = SlotMap(self.num_experts, num_slots, policy)
         self.next: Optional[Tuple[nn.Module, "ExpertSlots"]] = None  # (router, slots) of the next MoE layer
         self.counts_tokens = False
         self._pending: Optional[_Pending] = None
@@ -122,13 +120,13 @@ class ExpertSlots:
             y = self._grouped(x, ids, needed, experts)
             return combine(x, y, weights, shared_expert, shared_expert_gate)
         self._ensure(needed)
-        slot_inds = mx.array(self.slot_of[ids].astype(np.uint32))
+        slot_inds = mx.array(self.map.slot_of[ids].astype(np.uint32))
         self._prefetch_next(x)
         return routed_experts(x, slot_inds, weights, experts, shared_expert, shared_expert_gate)
 
     def _account(self, needed: np.ndarray) -> None:
         s = self.stats
-        resident = self.slot_of[needed] >= 0
+        resident = self.map.slot_of[needed] >= 0
         s.lookups += needed.size
         s.hits += int(resident.sum())
         if self._predicted is not None:
@@ -142,7 +140,8 @@ class ExpertSlots:
 
     def _grouped(self, x: mx.array, ids: np.ndarray, needed: np.ndarray, experts: SwitchGLU) -> mx.array:
         """Every (token, expert) output, (..., k, D), taking the needed experts S at a time."""
-        order = np.concatenate([needed[self.slot_of[needed] >= 0], needed[self.slot_of[needed] < 0]])
+        missing = self.map.missing(needed)
+        order = np.concatenate([needed[~np.isin(needed, missing)], missing])
         flat_ids = ids.reshape(-1, ids.shape[-1])
         xf = x.reshape(-1, x.shape[-1])
         y = None
@@ -151,7 +150,8 @@ class ExpertSlots:
             self._ensure(group)
             mask = np.isin(flat_ids, group)
             rows = np.nonzero(mask.any(axis=1))[0]
-            slot_ids = np.where(mask, self.slot_of[flat_ids], self.slot_of[group[0]])[rows]
+            slot_of = self.map.slot_of
+            slot_ids = np.where(mask, slot_of[flat_ids], slot_of[group[0]])[rows]
             part = experts(xf[mx.array(rows)], mx.array(slot_ids.astype(np.uint32)))
             if y is None:
                 y = mx.zeros((xf.shape[0], *part.shape[1:]), dtype=part.dtype)
@@ -163,21 +163,10 @@ class ExpertSlots:
 
     def _ensure(self, needed: np.ndarray) -> None:
         """Make every expert in ``needed`` resident, reading the missing ones (in parallel)."""
-        missing = needed[self.slot_of[needed] < 0]
+        missing = self.map.missing(needed)
         if missing.size:
-            slots = self._claim(missing, protected=self.slot_of[needed[self.slot_of[needed] >= 0]])
-            pending = self._submit(missing, slots)
-            self._install(pending)
-        self.policy.touch(self.slot_of[needed])
-
-    def _claim(self, experts: np.ndarray, protected: np.ndarray) -> np.ndarray:
-        slots = self.policy.victims(experts.size, protected)
-        evicted = self.expert_at[slots]
-        self.slot_of[evicted[evicted >= 0]] = -1
-        self.policy.forget(slots)
-        self.expert_at[slots] = experts
-        self.slot_of[experts] = slots
-        return slots
+            self._install(self._submit(missing, self.map.claim(missing, keep=needed)))
+        self.map.use(needed)
 
     def _submit(self, experts: np.ndarray, slots: np.ndarray) -> _Pending:
         pending = _Pending(experts, slots, [self.files.buffer(self.expert_bytes) for _ in experts])
@@ -202,20 +191,13 @@ class ExpertSlots:
                 pos += rows.row_bytes
             mx.eval([owner[leaf] for owner, leaf in self._owners])
         except BaseException:
-            self._drop(pending.experts)
+            self.map.drop(pending.experts)
             raise
         finally:
             for f in pending.futures:
                 f.cancel()
             for buf in pending.buffers:
                 self.files.release(buf)
-
-    def _drop(self, experts: np.ndarray) -> None:
-        """Forget slots whose rows never arrived, so they are not taken for resident later."""
-        slots = self.slot_of[experts]
-        self.expert_at[slots] = -1
-        self.slot_of[experts] = -1
-        self.policy.forget(slots)
 
     def _install_pending(self) -> None:
         if self._pending is not None:
@@ -231,7 +213,6 @@ class ExpertSlots:
         predicted = np.unique(np.array(inds))
         nxt._install_pending()
         nxt._predicted = predicted
-        missing = predicted[nxt.slot_of[predicted] < 0][: nxt.num_slots]
+        missing = nxt.map.missing(predicted)[: nxt.num_slots]
         if missing.size:
-            slots = nxt._claim(missing, protected=np.zeros(0, dtype=np.int64))
-            nxt._pending = nxt._submit(missing, slots)
+            nxt._pending = nxt._submit(missing, nxt.map.claim(missing, keep=missing[:0]))
