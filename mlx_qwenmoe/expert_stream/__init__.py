@@ -64,7 +64,7 @@ def expert_bytes(block: SparseMoeBlock) -> int:
 
 
 def stream_experts(
-    model: Model, model_dir: Path, max_resident: int, *, prefetch: bool = True, policy: str = "lru"
+    model: Model, model_dir: Path, max_resident: int, *, prefetch: bool = True, policy: str = "lfu"
 ) -> ExpertStream:
     """Replace every MoE layer's routed experts by a slot pool filled from ``model_dir``'s files.
 

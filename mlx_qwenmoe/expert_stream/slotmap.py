@@ -12,7 +12,7 @@ from .policy import POLICIES
 
 
 class SlotMap:
-    def __init__(self, num_experts: int, num_slots: int, policy: str = "lru"):
+    def __init__(self, num_experts: int, num_slots: int, policy: str = "lfu"):
         if policy not in POLICIES:
             raise ValueError(f"policy {policy!r}: expected one of {', '.join(POLICIES)}")
         self.num_slots = num_slots

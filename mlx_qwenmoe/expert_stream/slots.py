@@ -77,7 +77,7 @@ class ExpertSlots:
         executor: Executor,
         stats: StreamStats,
         top_k: int,
-        policy: str = "lru",
+        policy: str = "lfu",
     ):
         params = tree_flatten(experts.parameters())
         self.num_experts = params[0][1].shape[0]
