@@ -138,7 +138,7 @@ def part_b() -> Dict[str, Any]:
 def measure(directory: Path, budget: int, prompt: int, decode: int) -> Dict[str, Any]:
     """In a child process, so ``ru_maxrss`` is this run's alone."""
     guard_memory(FLOOR)
-    out: Dict[str, Any] = {}
+    out: Dict[str, Any] = {"rss_start": C.rss_bytes()}
     model, _ = load_model(directory, lazy=True)
     stream = stream_experts(model, directory, budget)
     mx.eval(model.parameters())
@@ -164,6 +164,7 @@ def measure(directory: Path, budget: int, prompt: int, decode: int) -> Dict[str,
                prefetch_accuracy=s.predicted_used / max(s.needed_after_prediction, 1))
     out["cache"] = cache_nbytes(cache)
     out["peak_rss"] = C.peak_rss_bytes()
+    out["mlx_peak"] = mx.get_peak_memory()
     stream.close()
     return out
 
@@ -211,6 +212,8 @@ def part_a(args) -> Dict[str, Any]:
          f"**{gib(r['peak_rss'])}** (goal {gib(budget + r['dense'] + r['cache'] + GiB // 2)})"),
         (f"decode, {r['decode']} tokens after a {args.prompt}-token prompt: hit rate / read per token",
          f"{r['hit']:.1%} / {r['bytes_per_token'] / 2**20:.0f} MiB (prefetch accuracy {r['prefetch_accuracy']:.1%})"),
+        ("RSS before load (interpreter + libraries) / after load / MLX peak",
+         f"{gib(r['rss_start'])} / {gib(r['rss_after_load'])} / {gib(r['mlx_peak'])}"),
         ("decode s/token on this CPU (f32 activations)", f"{r['decode_s_per_token']:.2f}"),
     ]
     for name, zipf in (("uniform", 0.0), (f"Zipf s={ZIPF_S:g}", ZIPF_S)):

@@ -48,12 +48,15 @@ class StreamStats:
 
     def summary(self) -> str:
         hit = self.hits / max(self.lookups, 1)
-        acc = self.predicted_used / max(self.needed_after_prediction, 1)
         per_token = self.bytes_read / max(self.tokens, 1)
+        acc = (
+            f"prefetch accuracy {self.predicted_used / self.needed_after_prediction:.1%}"
+            if self.needed_after_prediction
+            else "no prefetch (only for calls of <= 4 tokens that fit the slots)"
+        )
         return (
             f"experts: hit rate {hit:.1%} ({self.prefetch_hits} of {self.hits} hits prefetched), "
-            f"{per_token / 2**20:.2f} MiB read per token ({self.experts_read} expert reads), "
-            f"prefetch accuracy {acc:.1%}"
+            f"{per_token / 2**20:.2f} MiB read per token, prompt included ({self.experts_read} expert reads), {acc}"
         )
 
 
