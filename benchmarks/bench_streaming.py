@@ -140,7 +140,7 @@ def measure(directory: Path, budget: int, prompt: int, decode: int) -> Dict[str,
     guard_memory(FLOOR)
     out: Dict[str, Any] = {"rss_start": C.rss_bytes()}
     model, _ = load_model(directory, lazy=True)
-    stream = stream_experts(model, directory, budget)
+    stream = stream_experts(model, directory, budget, prefetch=True)
     mx.eval(model.parameters())
     out["slots"], out["layers"] = stream.num_slots, len(stream.layers)
     out["expert_bytes"] = stream.layers[0].expert_bytes

@@ -45,6 +45,7 @@ def main() -> None:
 @click.option("--draft-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Tokens drafted per step with --mtp.")
 @click.option("--max-resident", default=None, metavar="SIZE",
               help="Keep at most SIZE (e.g. 6GiB) of routed experts in memory; read the rest from disk as routed.")
+@click.option("--prefetch-experts", is_flag=True, help="With --max-resident: read the next layer's predicted experts ahead.")
 @click.option("--verbose", is_flag=True, help="Also print expert-streaming stats (hit rate, bytes read per token, prefetch accuracy).")
 def generate_command(
     model_path: Optional[str],
@@ -64,6 +65,7 @@ def generate_command(
     mtp: bool,
     draft_tokens: int,
     max_resident: Optional[str],
+    prefetch_experts: bool,
     verbose: bool,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; the stats line goes to stderr."""
@@ -79,7 +81,7 @@ def generate_command(
         prompt = sys.stdin.read()
     if not prompt:
         raise click.UsageError("--prompt: the prompt is empty")
-    model, tokenizer = load_streamed(model_path, max_resident)
+    model, tokenizer = load_streamed(model_path, max_resident, prefetch_experts)
     if chat is None:
         chat = tokenizer.has_chat_template
     if chat:
@@ -127,7 +129,7 @@ def generate_command(
         click.echo(model.expert_stream.stats.summary(), err=True)
 
 
-def load_streamed(model_path: Optional[str], max_resident: Optional[str]):
+def load_streamed(model_path: Optional[str], max_resident: Optional[str], prefetch_experts: bool = False):
     """``api.load`` with ``--max-resident`` parsed and its errors named after the flag."""
     from .api import load
     from .convert.memory import parse_size
@@ -136,7 +138,7 @@ def load_streamed(model_path: Optional[str], max_resident: Optional[str]):
     if max_resident is None:
         return load(model_path)
     try:
-        return load(model_path, max_resident=parse_size(max_resident, "--max-resident"))
+        return load(model_path, max_resident=parse_size(max_resident, "--max-resident"), prefetch_experts=prefetch_experts)
     except BudgetError as e:
         raise click.BadParameter(str(e).replace("max_resident=", ""), param_hint="--max-resident") from None
 

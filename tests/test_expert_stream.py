@@ -60,13 +60,14 @@ def test_streamed_outputs_are_bit_identical_at_any_budget(model_kind, tiny_dir):
     want_tokens, want_rows = _greedy(resident, ids, DECODE)
     full = _full_bytes(resident)
     for fraction in (0.1, 0.5, 1.0):
-        model, _ = load(path, max_resident=max(int(full * fraction), full // 16 + 1))
+        budget = max(int(full * fraction), full // 16 + 1)
+        model, _ = load(path, max_resident=budget, prefetch_experts=fraction == 0.5)
         tokens, rows = _greedy(model, ids, DECODE)
         assert tokens == want_tokens, fraction
         for got, want in zip(rows, want_rows):
             np.testing.assert_array_equal(got, want)
         stream = model.expert_stream
-        assert stream.resident_bytes() <= max(int(full * fraction), full // 16 + 1)
+        assert stream.resident_bytes() <= budget
         assert stream.stats.lookups > 0 and stream.stats.bytes_read > 0
         stream.close()
 
@@ -130,7 +131,7 @@ def test_budget_below_one_expert_per_layer_names_the_option(tiny_dir):
 def test_cli_verbose_prints_stream_stats(tiny_dir):
     args = ["generate", "--model", str(tiny_dir), "--prompt", "hello", "--no-chat", "--max-tokens", "4"]
     plain = CliRunner().invoke(main, args)
-    streamed = CliRunner().invoke(main, [*args, "--max-resident", "30KB", "--verbose"])
+    streamed = CliRunner().invoke(main, [*args, "--max-resident", "200KB", "--prefetch-experts", "--verbose"])
     assert streamed.exit_code == 0, streamed.output
     assert streamed.stdout == plain.stdout
     assert "hit rate" in streamed.stderr and "read per token" in streamed.stderr and "prefetch accuracy" in streamed.stderr

@@ -3,8 +3,8 @@
 ``stream_experts`` gives every sparse MoE layer a fixed pool of expert slots
 (``slots.ExpertSlots``) sized so that all pools together hold ``max_resident`` bytes;
 everything else in the model stays resident. Reads go through ``reader`` on a small
-thread pool, so that while layer L computes, layer L+1's likely experts (its router
-applied to layer L's input) are already being read.
+thread pool; with ``prefetch``, while layer L computes, layer L+1's likely experts (its
+router applied to layer L's input) are already being read.
 """
 
 from __future__ import annotations
@@ -64,9 +64,13 @@ def expert_bytes(block: SparseMoeBlock) -> int:
 
 
 def stream_experts(
-    model: Model, model_dir: Path, max_resident: int, *, prefetch: bool = True, policy: str = "lfu"
+    model: Model, model_dir: Path, max_resident: int, *, prefetch: bool = False, policy: str = "lfu"
 ) -> ExpertStream:
     """Replace every MoE layer's routed experts by a slot pool filled from ``model_dir``'s files.
+
+    ``prefetch``: while a layer computes, read the next layer's predicted experts. It hides read
+    latency but reads more (mispredicted experts, and the ones they evict): worth it when compute,
+    not the SSD, bounds a token (see benchmarks/README.md, "Streaming experts").
 
     Call it on a model loaded lazily (``load_model(..., lazy=True)``), before its parameters
     are evaluated, so the full expert tensors are never read. Sets ``model.expert_stream``.
