@@ -183,8 +183,10 @@ class ExpertSlots:
     def _install(self, pending: _Pending) -> None:
         """Wait for the reads, then write the rows into their slots (one scatter per tensor)."""
         try:
-            for f in pending.futures:
-                f.result()
+            # wait for every read, failed or not, before a staging buffer can be reused
+            errors = [e for e in [f.exception() for f in pending.futures] if e is not None]
+            if errors:
+                raise errors[0]
             raw = np.stack(pending.buffers)
             idx = mx.array(pending.slots.astype(np.uint32))
             pos = 0
@@ -197,8 +199,6 @@ class ExpertSlots:
             self.map.drop(pending.experts)
             raise
         finally:
-            for f in pending.futures:
-                f.cancel()
             for buf in pending.buffers:
                 self.files.release(buf)
 
