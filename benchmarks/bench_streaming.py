@@ -218,8 +218,8 @@ def part_a(args) -> Dict[str, Any]:
     ]
     for name, zipf in (("uniform", 0.0), (f"Zipf s={ZIPF_S:g}", ZIPF_S)):
         trace = synthetic_trace(r["layers"], 256, 8, TRACE_TOKENS, zipf)
-        sim = simulate(trace, [None] * len(trace), 256, r["slots"], "lru", False)
-        rows.append((f"{name} routing, {TRACE_TOKENS} tokens, LRU: hit rate / read per token",
+        sim = simulate(trace, [None] * len(trace), 256, r["slots"], "lfu", False)
+        rows.append((f"{name} routing, {TRACE_TOKENS} tokens, LFU: hit rate / read per token",
                      f"{sim['hit']:.1%} / {sim['reads_per_token'] * r['expert_bytes'] / 2**20:.0f} MiB"))
         r[f"sim_{name.split()[0].lower()}"] = sim
     print(f"\n(a) Qwen3.5-35B-A3B shape, random weights, max_resident={args.budget}")
