@@ -53,14 +53,32 @@ def eos_token_ids(model_dir: Path, config: Dict[str, Any]) -> List[int]:
 
 
 def load(
-    path_or_repo: Optional[Union[str, Path]] = None, *, dtype: Optional[mx.Dtype] = None
+    path_or_repo: Optional[Union[str, Path]] = None,
+    *,
+    dtype: Optional[mx.Dtype] = None,
+    max_resident: Optional[Union[int, str]] = None,
+    prefetch_experts: bool = False,
 ) -> Tuple[Model, TokenizerWrapper]:
     """(model, tokenizer) from a local directory or a Hugging Face repo id (downloaded with
-    ``huggingface_hub``, honouring ``HF_HUB_OFFLINE``); None loads the bundled demo model."""
+    ``huggingface_hub``, honouring ``HF_HUB_OFFLINE``); None loads the bundled demo model.
+
+    ``max_resident`` (bytes, or a size such as "6GiB"): keep at most this much of the routed
+    experts in memory and read the others from the checkpoint files as they are routed to
+    (``expert_stream``); the model's ``expert_stream.stats`` counts hits and bytes read.
+    ``prefetch_experts``: also read each next layer's predicted experts ahead of time."""
     model_dir = resolve(path_or_repo)
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"{model_dir}: no tokenizer ({', '.join(TOKENIZER_FILES)})")
-    model, config = load_model(model_dir, dtype=dtype)
+    if max_resident is None:
+        model, config = load_model(model_dir, dtype=dtype)
+    else:
+        from .convert.memory import parse_size
+        from .expert_stream import stream_experts
+
+        model, config = load_model(model_dir, dtype=dtype, lazy=True)
+        budget = max_resident if isinstance(max_resident, int) else parse_size(max_resident, "max_resident")
+        stream_experts(model, model_dir, budget, prefetch=prefetch_experts)
+        mx.eval(model.parameters())
     tokenizer = load_tokenizer(model_dir, eos_token_ids=eos_token_ids(model_dir, config))
     return model, tokenizer
 

@@ -43,6 +43,10 @@ def main() -> None:
 @click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True, help="Prompt tokens per forward pass.")
 @click.option("--mtp/--no-mtp", default=False, show_default=True, help="Speculative decoding with the checkpoint's MTP head.")
 @click.option("--draft-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Tokens drafted per step with --mtp.")
+@click.option("--max-resident", default=None, metavar="SIZE",
+              help="Keep at most SIZE (e.g. 6GiB) of routed experts in memory; read the rest from disk as routed.")
+@click.option("--prefetch-experts", is_flag=True, help="With --max-resident: read the next layer's predicted experts ahead.")
+@click.option("--verbose", is_flag=True, help="Also print expert-streaming stats (hit rate, bytes read per token, prefetch accuracy).")
 def generate_command(
     model_path: Optional[str],
     prompt: Optional[str],
@@ -60,12 +64,15 @@ def generate_command(
     prefill_step_size: int,
     mtp: bool,
     draft_tokens: int,
+    max_resident: Optional[str],
+    prefetch_experts: bool,
+    verbose: bool,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; the stats line goes to stderr."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    from .api import chat_prompt, load
+    from .api import chat_prompt
     from .generate import format_stats, stream_generate
 
     if prompt is None or prompt == "-":
@@ -74,7 +81,7 @@ def generate_command(
         prompt = sys.stdin.read()
     if not prompt:
         raise click.UsageError("--prompt: the prompt is empty")
-    model, tokenizer = load(model_path)
+    model, tokenizer = load_streamed(model_path, max_resident, prefetch_experts)
     if mtp and not model.has_mtp:
         raise click.UsageError("--mtp: the checkpoint has no MTP head (no mtp.* tensors)")
     if chat is None:
@@ -121,6 +128,22 @@ def generate_command(
         click.echo(format_stats(response), err=True)
     if mtp_stats is not None:
         click.echo(str(mtp_stats), err=True)
+    if verbose and max_resident is not None:
+        click.echo(model.expert_stream.stats.summary(), err=True)
+
+
+def load_streamed(model_path: Optional[str], max_resident: Optional[str], prefetch_experts: bool = False):
+    """``api.load`` with ``--max-resident`` parsed and its errors named after the flag."""
+    from .api import load
+    from .convert.memory import parse_size
+    from .expert_stream import BudgetError
+
+    if max_resident is None:
+        return load(model_path)
+    try:
+        return load(model_path, max_resident=parse_size(max_resident, "--max-resident"), prefetch_experts=prefetch_experts)
+    except BudgetError as e:
+        raise click.BadParameter(str(e).replace("max_resident=", ""), param_hint="--max-resident") from None
 
 
 @main.command("serve")

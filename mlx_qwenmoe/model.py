@@ -173,6 +173,9 @@ class MLP(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
+    # set by expert_stream.stream_experts: a routed_experts substitute over a pool of expert slots
+    streamed: Optional[Any] = None
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.top_k = args.num_experts_per_tok
@@ -185,7 +188,8 @@ class SparseMoeBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         weights, inds = route(self.gate(x), self.top_k, self.norm_topk_prob)
         # the shared expert goes in too, so the Metal decode kernels fuse it with the routed ones
-        return routed_experts(x, inds, weights, self.switch_mlp, self.shared_expert, self.shared_expert_gate)
+        run = routed_experts if self.streamed is None else self.streamed
+        return run(x, inds, weights, self.switch_mlp, self.shared_expert, self.shared_expert_gate)
 
 
 class DecoderLayer(nn.Module):

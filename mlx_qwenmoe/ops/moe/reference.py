@@ -38,7 +38,17 @@ def routed_experts(
     ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``.
     """
     check_shared_pair(shared_expert, shared_expert_gate)
-    y = experts(x, inds)
+    return combine(x, experts(x, inds), weights, shared_expert, shared_expert_gate)
+
+
+def combine(
+    x: mx.array,
+    y: mx.array,
+    weights: mx.array,
+    shared_expert: Optional[nn.Module] = None,
+    shared_expert_gate: Optional[nn.Module] = None,
+) -> mx.array:
+    """The weighted sum over the k expert outputs y (..., k, D), plus the gated shared expert of x."""
     y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
     if shared_expert is not None:
         y = y + gated_shared_expert(x, shared_expert, shared_expert_gate)
