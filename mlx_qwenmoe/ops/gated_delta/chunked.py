@@ -72,10 +72,17 @@ def gated_delta_chunked(
     q, k = _split_chunks(q, chunk, 1), _split_chunks(k, chunk, 1)
     v, g, beta = (_split_chunks(x, chunk, n) for x in (v, g, beta))
 
+    # Every decay is a sum of g over its own span, never a difference of two cumulative sums:
+    # with g = [-1e5, -0.01, ...] a difference of 0.01 would be below one float32 ulp of 1e5.
+    # gamma_i = sum g over [0, i] and gamma_C - gamma_j = sum over (j, C) sum terms of one sign.
     gamma = mx.cumsum(g, axis=-1)
+    tail = mx.cumsum(g, axis=-1, reverse=True, inclusive=False)
     idx = mx.arange(chunk)
-    # Mask before the exp: above the diagonal the difference is positive and may overflow.
-    decay = mx.exp(mx.where(idx[:, None] >= idx[None, :], gamma[..., :, None] - gamma[..., None, :], -mx.inf))
+    # seg[i, j] = sum of g over (j, i]: a running sum down each column of the masked g.
+    below = idx[:, None] > idx[None, :]
+    seg = mx.cumsum(mx.where(below, g[..., :, None], 0.0), axis=-2)
+    # Mask before the exp: above the diagonal there is no decay to take.
+    decay = mx.exp(mx.where(below | mx.eye(chunk, dtype=mx.bool_), seg, -mx.inf))
     kt = k.swapaxes(-1, -2)
     A = mx.where(mx.eye(chunk, dtype=mx.bool_), 1.0, beta[..., None] * (k @ kt) * decay)
     # LAPACK's trtri runs on the CPU stream only; the matrices are tiny.
@@ -83,7 +90,7 @@ def gated_delta_chunked(
     e_gamma = mx.exp(gamma)[..., None]
     W = (Tb * e_gamma.swapaxes(-1, -2)) @ k
     U = Tb @ v
-    Kd_t = (k * mx.exp(gamma[..., -1:] - gamma)[..., None]).swapaxes(-1, -2)
+    Kd_t = (k * mx.exp(tail)[..., None]).swapaxes(-1, -2)
     d_last = mx.exp(gamma[..., -1])[..., None, None]
 
     if state is None:
