@@ -22,6 +22,7 @@ from mlx_qwenmoe.ops import gated_delta as gd
 from mlx_qwenmoe.ops.gated_delta import kernel
 from mlx_qwenmoe.ops.gated_delta.reference import gated_delta_recurrent
 
+from conftest import STRICT_EMU
 from test_gated_delta import make_inputs, max_abs
 
 SMALL = (2, 4, 32, 16)  # Hk, Hv, Dk, Dv
@@ -32,9 +33,10 @@ STATE_TOL = 2e-5
 
 @pytest.fixture(scope="module", autouse=True)
 def emulated_kernels():
-    """Build the package's kernels with the emulator standing in for mx.fast.metal_kernel."""
+    """Build the package's kernels with the emulator standing in for mx.fast.metal_kernel
+    (strict, on a shuffled schedule)."""
     kernels.build.cache_clear()
-    with me.emulate_metal():
+    with me.emulate_metal(**STRICT_EMU):
         yield
     kernels.build.cache_clear()
 
