@@ -87,3 +87,18 @@ def test_metal_chunked_exact_at_extreme_decay(emulated_kernels, g0, T, with_stat
     strong_at = (0,) if T == 64 else (0, 101)
     eo, es = rel_errors(kernel.chunked, decay_case(g0, T, with_state, strong_at))
     assert eo <= REL_TOL and es <= REL_TOL, (eo, es)
+
+
+
+# Issue 12's own cases: g = [g0, weak x 63], T = 64 (errors before the fix: 2.0e-4, 6.5e-4, 6.3e-2, 3.2e-2).
+ISSUE_CASES = [(-300.0, -0.001, False), (-1e3, -0.001, False), (-1e5, -0.01, True), (-1e5, -0.001, False)]
+
+
+@pytest.mark.parametrize("g0,weak,with_state", ISSUE_CASES)
+def test_issue_cases_both_forms(emulated_kernels, g0, weak, with_state):
+    case = decay_case(g0, 64, with_state)
+    case[3][...] = weak
+    case[3][:, 0] = g0
+    for fn in (gated_delta_chunked, kernel.chunked):
+        eo, es = rel_errors(fn, case)
+        assert eo <= REL_TOL and es <= REL_TOL, (fn.__name__, eo, es)
