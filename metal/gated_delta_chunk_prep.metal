@@ -133,8 +133,8 @@ threadgroup_barrier(mem_flags::mem_threadgroup);
 // stored transposed at (c, r) so that A's row r stays readable. A SIMD-group owns
 // whole block columns (c and 7 - c, which balances the work), so it only reads
 // back its own writes: no threadgroup barrier inside.
-for (int half = 0; half < 2; ++half) {
-  const int c = half == 0 ? int(sg) : NB - 1 - int(sg);
+for (int side = 0; side < 2; ++side) {
+  const int c = side == 0 ? int(sg) : NB - 1 - int(sg);
   for (int r = c + 1; r < NB; ++r) {
     simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8>(0.0f);
     for (int m = c; m < r; ++m) {
