@@ -3,7 +3,7 @@
 Inside a chunk of C tokens the recurrence collapses to matmuls plus one unit
 lower-triangular inverse (``reference.py`` is the token-by-token definition).
 With gamma the in-chunk cumulative log decay and S (Dk, Dv) the state entering
-the chunk:
+the chunk (each e^(gamma_i - gamma_j) is taken as e^(sum of g over (j, i]), see below):
 
     A = strict_tril(beta_i k_i.k_j e^(gamma_i - gamma_j));  T = (I + A)^-1
     W = T (beta e^gamma K);  U = T (beta V);  V' = U - W S
@@ -74,7 +74,7 @@ def gated_delta_chunked(
 
     # Every decay is a sum of g over its own span, never a difference of two cumulative sums:
     # with g = [-1e5, -0.01, ...] a difference of 0.01 would be below one float32 ulp of 1e5.
-    # gamma_i = sum g over [0, i] and gamma_C - gamma_j = sum over (j, C) sum terms of one sign.
+    # gamma (over [0, i]) and tail (gamma_C - gamma_j, over (j, C)) each add terms of one sign.
     gamma = mx.cumsum(g, axis=-1)
     tail = mx.cumsum(g, axis=-1, reverse=True, inclusive=False)
     idx = mx.arange(chunk)
