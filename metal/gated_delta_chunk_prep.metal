@@ -1,31 +1,40 @@
 // Gated delta rule, chunked prefill, pass 1 of 2: everything inside one chunk
 // of 64 tokens that does not depend on the state entering it, for all chunks
 // in parallel (one threadgroup of 4 SIMD-groups per chunk and value head).
-// With gamma the in-chunk cumulative log decay:
-//   A = strict_tril(beta_i k_i.k_j e^(gamma_i - gamma_j)),  Tm = (I + A)^-1
+// With gamma_i the sum of g over [0, i] and D_ij = e^(sum of g over (j, i]):
+//   A = strict_tril(beta_i k_i.k_j D_ij),  Tm = (I + A)^-1
 //   w = Tm (beta e^gamma K),  u = Tm (beta V)
-//   P = tril(Q K^T e^(gamma_i - gamma_j)),  qp = Q e^gamma - P w,  r = P u
+//   P = tril(Q K^T D),  qp = Q e^gamma - P w,  r = P u
 // so that pass 2 (gated_delta_chunk_state) needs only
-//   V' = u - w S,  O = qp S + r,  S <- e^gamma_last S + (K e^(gamma_last - gamma))^T V'.
-// Layout, registers and traffic: metal/README.md. Needs `gated_delta_tiles` as header.
+//   V' = u - w S,  O = qp S + r,  S <- cdec S + (kdec K)^T V'
+// with kdec_j = e^(sum of g over (j, C)) and cdec = e^(gamma_(C-1)), written here.
+// Every decay is a sum over its own span (see gd_span_decay), so the result is
+// exact to float32 rounding at any mix of strong and weak decay.
+// Layout, barriers, registers and traffic: metal/README.md. Needs `gated_delta_tiles` as header.
 constexpr int C = 64;
+constexpr int NB = C / 8;  // 8-token blocks in a chunk
+constexpr int XP = C + 4;  // padded row: a stride of 64 words would put a tile's 8 rows in one bank
 constexpr int NSG = 4;
 constexpr int NK = Dk / 8;
 constexpr int NV = Dv / 8;
-threadgroup float X[C][C];  // A, then Tm, then P
-threadgroup float gam[C];
+threadgroup float X[C][XP];  // A and (I + A)^-1 (see gd_load_tinv), then P
+threadgroup float gl[C];
+threadgroup float eh[C];
+threadgroup float et[C];
+threadgroup float eb[NB];
 threadgroup float bet[C];
-threadgroup float bet_eg[C];
 threadgroup float eg[C];
 
 const uint tid = thread_index_in_threadgroup;
 const uint sg = simdgroup_index_in_threadgroup;
-const GdFrag f = gd_frag(thread_index_in_simdgroup);
+const uint lane = thread_index_in_simdgroup;
+const GdFrag f = gd_frag(lane);
 const int n = threadgroup_position_in_grid.z;  // b * Hv + hv
 const int bi = n / Hv;
 const int hv = n % Hv;
 const int hk = hv / (Hv / Hk);
-const int t0 = threadgroup_position_in_grid.y * C;
+const int chunk = threadgroup_position_in_grid.y;
+const int t0 = chunk * C;
 const int rows = T - t0;  // valid rows in this chunk (may exceed C)
 const int Tp = ((T + C - 1) / C) * C;
 const int KLD = Hk * Dk;
@@ -33,101 +42,144 @@ const int VLD = Hv * Dv;
 auto qc = q + ((bi * T + t0) * Hk + hk) * Dk;
 auto kc = k + ((bi * T + t0) * Hk + hk) * Dk;
 auto vc = v + ((bi * T + t0) * Hv + hv) * Dv;
+auto gc = g + (bi * T + t0) * Hv + hv;
 auto wn = w + (n * Tp + t0) * Dk;
 auto un = u + (n * Tp + t0) * Dv;
 auto qpn = qp + (n * Tp + t0) * Dk;
 auto rn = r + (n * Tp + t0) * Dv;
 
-// Padded rows act as g = 0, beta = 0 (and read k = v = 0): they change nothing.
+// Per-token decay factors. Padded rows act as g = 0, beta = 0 (and read
+// k = v = 0): they change nothing.
 if (tid < C) {
-  const bool ok = int(tid) < rows;
-  gam[tid] = ok ? static_cast<float>(g[(bi * T + t0 + tid) * Hv + hv]) : 0.0f;
-  bet[tid] = ok ? static_cast<float>(beta[(bi * T + t0 + tid) * Hv + hv]) : 0.0f;
+  const int i = tid;
+  const int b0 = i / 8 * 8;
+  float head = 0.0f;
+  for (int m = b0; m <= i; ++m) {
+    head += m < rows ? static_cast<float>(gc[m * Hv]) : 0.0f;
+  }
+  float tail = 0.0f;
+  for (int m = i + 1; m < b0 + 8; ++m) {
+    tail += m < rows ? static_cast<float>(gc[m * Hv]) : 0.0f;
+  }
+  gl[i] = i < rows ? static_cast<float>(gc[i * Hv]) : 0.0f;
+  bet[i] = i < rows ? static_cast<float>(beta[(bi * T + t0 + i) * Hv + hv]) : 0.0f;
+  eh[i] = exp(head);
+  et[i] = exp(tail);
+  if (i % 8 == 7) {
+    eb[i / 8] = exp(head);
+  }
 }
-threadgroup_barrier(mem_flags::mem_threadgroup);
-if (tid == 0) {
-  float acc = 0.0f;
-  for (int i = 0; i < C; ++i) {
-    acc += gam[i];
-    gam[i] = acc;
+// Chunk prefix gamma (SIMD-group 0) and suffix sums (SIMD-group 1): one SIMD
+// prefix scan each over pairs of tokens, lane l holding tokens 2l, 2l + 1
+// (counted from the end for the suffix). Sums of one sign: no cancellation.
+if (sg < 2) {
+  const int i0 = sg == 0 ? 2 * lane : C - 1 - 2 * lane;
+  const int i1 = sg == 0 ? i0 + 1 : i0 - 1;
+  const float a = i0 < rows ? static_cast<float>(gc[i0 * Hv]) : 0.0f;
+  const float b = i1 < rows ? static_cast<float>(gc[i1 * Hv]) : 0.0f;
+  const float before = simd_prefix_exclusive_sum(a + b);
+  if (sg == 0) {
+    eg[i0] = exp(before + a);
+    eg[i1] = exp(before + (a + b));
+    if (lane == 31) {
+      cdec[n * (Tp / C) + chunk] = exp(before + (a + b));
+    }
+  } else {
+    kdec[n * Tp + t0 + i0] = exp(before);
+    kdec[n * Tp + t0 + i1] = exp(before + a);
   }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
-if (tid < C) {
-  eg[tid] = exp(gam[tid]);
-  bet_eg[tid] = bet[tid] * eg[tid];
-  gamma_out[n * Tp + t0 + tid] = gam[tid];
-}
 
-// A's lower 8x8 tiles: K K^T on the matrix units; a tile per SIMD-group in turn.
-for (int tile = sg; tile < 64; tile += NSG) {
-  const int tr = tile / 8;
-  const int tc = tile % 8;
-  simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  if (tc <= tr) {
-    for (int kk = 0; kk < NK; ++kk) {
+// A's lower 8x8 tiles: K K^T on the matrix units, scaled in registers; a tile
+// per SIMD-group in turn. A diagonal tile is inverted on the spot:
+// (I + A_dd)^-1 = (I - A)(I + A^2)(I + A^4) as A_dd^8 = 0.
+for (int tile = sg; tile < NB * NB; tile += NSG) {
+  const int tr = tile / NB;
+  const int tc = tile % NB;
+  if (tc > tr) {
+    continue;
+  }
+  simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8>(0.0f);
+  for (int kk = 0; kk < NK; ++kk) {
+    simdgroup_float8x8 ma;
+    simdgroup_float8x8 mb;
+    gd_load(ma, kc + tr * 8 * KLD + kk * 8, KLD, rows - tr * 8, f);
+    gd_load_t(mb, kc + tc * 8 * KLD + kk * 8, KLD, rows - tc * 8, f);
+    simdgroup_multiply_accumulate(acc, ma, mb, acc);
+  }
+  const int i = tr * 8 + f.row;
+  for (int e = 0; e < 2; ++e) {
+    const int j = tc * 8 + f.col + e;
+    acc.thread_elements()[e] = i > j ? bet[i] * acc.thread_elements()[e] * gd_span_decay(i, j, gl, eh, et, eb) : 0.0f;
+  }
+  if (tc == tr) {
+    simdgroup_float8x8 p = acc;
+    simdgroup_float8x8 inv;
+    inv.thread_elements()[0] = (f.row == f.col ? 1.0f : 0.0f) - acc.thread_elements()[0];
+    inv.thread_elements()[1] = (f.row == f.col + 1 ? 1.0f : 0.0f) - acc.thread_elements()[1];
+    for (int step = 0; step < 2; ++step) {
+      simdgroup_multiply(p, p, p);
+      simdgroup_multiply_accumulate(inv, inv, p, inv);
+    }
+    acc = inv;
+  }
+  simdgroup_store(acc, &X[tr * 8][tc * 8], XP);
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+
+// The tiles of (I + A)^-1 below the diagonal, block row by block row:
+//   Tm_rc = -Tm_rr sum_{c <= m < r} A_rm Tm_mc,
+// stored transposed at (c, r) so that A's row r stays readable. A SIMD-group owns
+// whole block columns (c and 7 - c, which balances the work), so it only reads
+// back its own writes: no threadgroup barrier inside.
+for (int side = 0; side < 2; ++side) {
+  const int c = side == 0 ? int(sg) : NB - 1 - int(sg);
+  for (int r = c + 1; r < NB; ++r) {
+    simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8>(0.0f);
+    for (int m = c; m < r; ++m) {
       simdgroup_float8x8 ma;
       simdgroup_float8x8 mb;
-      gd_load(ma, kc + tr * 8 * KLD + kk * 8, KLD, rows - tr * 8, f);
-      gd_load_t(mb, kc + tc * 8 * KLD + kk * 8, KLD, rows - tc * 8, f);
+      simdgroup_load(ma, &X[r * 8][m * 8], XP);
+      gd_load_tinv(mb, &X[0][0], XP, m, c);
       simdgroup_multiply_accumulate(acc, ma, mb, acc);
     }
+    simdgroup_float8x8 diag;
+    simdgroup_float8x8 res;
+    simdgroup_load(diag, &X[r * 8][r * 8], XP);
+    simdgroup_multiply(res, diag, acc);
+    gd_scale(res, -1.0f, -1.0f);
+    simdgroup_store(res, &X[c * 8][r * 8], XP, ulong2(0, 0), true);
+    simdgroup_barrier(mem_flags::mem_threadgroup);
   }
-  simdgroup_store(acc, &X[tr * 8][tc * 8], C);
-}
-threadgroup_barrier(mem_flags::mem_threadgroup);
-for (int e = tid; e < C * C; e += NSG * 32) {
-  const int i = e / C;
-  const int j = e % C;
-  X[i][j] = i > j ? bet[i] * X[i][j] * exp(gam[i] - gam[j]) : 0.0f;
-}
-threadgroup_barrier(mem_flags::mem_threadgroup);
-
-// Tm = (I + A)^-1 by forward substitution, row by row; thread j owns column j:
-// Tm_ij = -A_ij - sum_{j<m<i} A_im Tm_mj. Row i of X still holds A while read.
-for (int i = 1; i < C; ++i) {
-  float val = 0.0f;
-  if (int(tid) < i) {
-    val = -X[i][tid];
-    for (int m = tid + 1; m < i; ++m) {
-      val -= X[i][m] * X[m][tid];
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (int(tid) < i) {
-    X[i][tid] = val;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-}
-if (tid < C) {
-  X[tid][tid] = 1.0f;
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
 // w = Tm (beta e^gamma K) and u = Tm (beta V); Tm is lower triangular, so
 // output row tile tr only needs k-tiles 0..tr.
-for (int tile = sg; tile < 8 * NK; tile += NSG) {
+for (int tile = sg; tile < NB * NK; tile += NSG) {
   const int tr = tile / NK;
   const int tc = tile % NK;
-  simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8>(0.0f);
   for (int kk = 0; kk <= tr; ++kk) {
     simdgroup_float8x8 ma;
     simdgroup_float8x8 mb;
-    simdgroup_load(ma, &X[tr * 8][kk * 8], C);
+    gd_load_tinv(ma, &X[0][0], XP, tr, kk);
     gd_load(mb, kc + kk * 8 * KLD + tc * 8, KLD, rows - kk * 8, f);
-    gd_scale(mb, bet_eg[kk * 8 + f.row], bet_eg[kk * 8 + f.row]);
+    const float s = bet[kk * 8 + f.row] * eg[kk * 8 + f.row];
+    gd_scale(mb, s, s);
     simdgroup_multiply_accumulate(acc, ma, mb, acc);
   }
   gd_store(acc, wn + tr * 8 * Dk + tc * 8, Dk, C, f);
 }
-for (int tile = sg; tile < 8 * NV; tile += NSG) {
+for (int tile = sg; tile < NB * NV; tile += NSG) {
   const int tr = tile / NV;
   const int tc = tile % NV;
-  simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8>(0.0f);
   for (int kk = 0; kk <= tr; ++kk) {
     simdgroup_float8x8 ma;
     simdgroup_float8x8 mb;
-    simdgroup_load(ma, &X[tr * 8][kk * 8], C);
+    gd_load_tinv(ma, &X[0][0], XP, tr, kk);
     gd_load(mb, vc + kk * 8 * VLD + tc * 8, VLD, rows - kk * 8, f);
     gd_scale(mb, bet[kk * 8 + f.row], bet[kk * 8 + f.row]);
     simdgroup_multiply_accumulate(acc, ma, mb, acc);
@@ -137,38 +189,40 @@ for (int tile = sg; tile < 8 * NV; tile += NSG) {
 // Tm is dead after this barrier; w and u are read back below by other SIMD-groups.
 threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
 
-for (int tile = sg; tile < 64; tile += NSG) {
-  const int tr = tile / 8;
-  const int tc = tile % 8;
-  simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  if (tc <= tr) {
-    for (int kk = 0; kk < NK; ++kk) {
-      simdgroup_float8x8 ma;
-      simdgroup_float8x8 mb;
-      gd_load(ma, qc + tr * 8 * KLD + kk * 8, KLD, rows - tr * 8, f);
-      gd_load_t(mb, kc + tc * 8 * KLD + kk * 8, KLD, rows - tc * 8, f);
-      simdgroup_multiply_accumulate(acc, ma, mb, acc);
-    }
+// P's lower tiles: Q K^T scaled in registers (D_ii = 1).
+for (int tile = sg; tile < NB * NB; tile += NSG) {
+  const int tr = tile / NB;
+  const int tc = tile % NB;
+  if (tc > tr) {
+    continue;
   }
-  simdgroup_store(acc, &X[tr * 8][tc * 8], C);
-}
-threadgroup_barrier(mem_flags::mem_threadgroup);
-for (int e = tid; e < C * C; e += NSG * 32) {
-  const int i = e / C;
-  const int j = e % C;
-  X[i][j] = i >= j ? X[i][j] * exp(gam[i] - gam[j]) : 0.0f;
+  simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8>(0.0f);
+  for (int kk = 0; kk < NK; ++kk) {
+    simdgroup_float8x8 ma;
+    simdgroup_float8x8 mb;
+    gd_load(ma, qc + tr * 8 * KLD + kk * 8, KLD, rows - tr * 8, f);
+    gd_load_t(mb, kc + tc * 8 * KLD + kk * 8, KLD, rows - tc * 8, f);
+    simdgroup_multiply_accumulate(acc, ma, mb, acc);
+  }
+  const int i = tr * 8 + f.row;
+  for (int e = 0; e < 2; ++e) {
+    const int j = tc * 8 + f.col + e;
+    const float d = i > j ? gd_span_decay(i, j, gl, eh, et, eb) : (i == j ? 1.0f : 0.0f);
+    acc.thread_elements()[e] *= d;
+  }
+  simdgroup_store(acc, &X[tr * 8][tc * 8], XP);
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
 // qp = Q e^gamma - P w and r = P u (P lower triangular: k-tiles 0..tr).
-for (int tile = sg; tile < 8 * NK; tile += NSG) {
+for (int tile = sg; tile < NB * NK; tile += NSG) {
   const int tr = tile / NK;
   const int tc = tile % NK;
-  simdgroup_float8x8 pw = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  simdgroup_float8x8 pw = make_filled_simdgroup_matrix<float, 8>(0.0f);
   for (int kk = 0; kk <= tr; ++kk) {
     simdgroup_float8x8 ma;
     simdgroup_float8x8 mb;
-    simdgroup_load(ma, &X[tr * 8][kk * 8], C);
+    simdgroup_load(ma, &X[tr * 8][kk * 8], XP);
     simdgroup_load(mb, wn + kk * 8 * Dk + tc * 8, Dk);
     simdgroup_multiply_accumulate(pw, ma, mb, pw);
   }
@@ -179,14 +233,14 @@ for (int tile = sg; tile < 8 * NK; tile += NSG) {
   acc.thread_elements()[1] -= pw.thread_elements()[1];
   gd_store(acc, qpn + tr * 8 * Dk + tc * 8, Dk, C, f);
 }
-for (int tile = sg; tile < 8 * NV; tile += NSG) {
+for (int tile = sg; tile < NB * NV; tile += NSG) {
   const int tr = tile / NV;
   const int tc = tile % NV;
-  simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8>(0.0f);
   for (int kk = 0; kk <= tr; ++kk) {
     simdgroup_float8x8 ma;
     simdgroup_float8x8 mb;
-    simdgroup_load(ma, &X[tr * 8][kk * 8], C);
+    simdgroup_load(ma, &X[tr * 8][kk * 8], XP);
     simdgroup_load(mb, un + kk * 8 * Dv + tc * 8, Dv);
     simdgroup_multiply_accumulate(acc, ma, mb, acc);
   }

@@ -2,15 +2,16 @@
 // chunks. One threadgroup of 4 SIMD-groups per (batch, value head, DVT-wide
 // column block of the state); the state block S (Dk x DVT, float32) lives in
 // threadgroup memory for the whole sequence. Per chunk, with w, qp, u, r and
-// gamma from gated_delta_chunk_prep:
-//   V' = u - w S;  O = qp S + r;  S <- e^gamma_last S + (K e^(gamma_last - gamma))^T V'
+// the decays kdec, cdec from gated_delta_chunk_prep:
+//   V' = u - w S;  O = qp S + r;  S <- cdec S + (kdec K)^T V'
 // Layout, registers and traffic: metal/README.md. Needs `gated_delta_tiles` as header.
 constexpr int C = 64;
 constexpr int NSG = 4;
 constexpr int NK = Dk / 8;
 constexpr int NJ = DVT / 8;
-threadgroup float Sm[Dk][DVT];
-threadgroup float Vn[C][DVT];
+constexpr int SP = DVT + 4;  // padded row: a stride of 32 words would put a tile's 8 rows in one bank
+threadgroup float Sm[Dk][SP];
+threadgroup float Vn[C][SP];
 
 const uint tid = thread_index_in_threadgroup;
 const uint sg = simdgroup_index_in_threadgroup;
@@ -36,7 +37,7 @@ for (int t0 = 0; t0 < Tp; t0 += C) {
   auto uc = u + (n * Tp + t0) * Dv + dv0;
   auto rc = r + (n * Tp + t0) * Dv + dv0;
   auto kc = k + ((bi * T + t0) * Hk + hk) * Dk;
-  auto gc = gamma_c + n * Tp + t0;
+  auto kd = kdec + n * Tp + t0;
 
   for (int tile = sg; tile < 8 * NJ; tile += NSG) {
     const int tr = tile / NJ;
@@ -46,7 +47,7 @@ for (int t0 = 0; t0 < Tp; t0 += C) {
     for (int kk = 0; kk < NK; ++kk) {
       simdgroup_float8x8 ms;
       simdgroup_float8x8 ma;
-      simdgroup_load(ms, &Sm[kk * 8][tj * 8], DVT);
+      simdgroup_load(ms, &Sm[kk * 8][tj * 8], SP);
       simdgroup_load(ma, wc + tr * 8 * Dk + kk * 8, Dk);
       simdgroup_multiply_accumulate(ws, ma, ms, ws);
       simdgroup_load(ma, qpc + tr * 8 * Dk + kk * 8, Dk);
@@ -60,29 +61,28 @@ for (int t0 = 0; t0 < Tp; t0 += C) {
     mu.thread_elements()[1] -= ws.thread_elements()[1];
     mr.thread_elements()[0] += os.thread_elements()[0];
     mr.thread_elements()[1] += os.thread_elements()[1];
-    simdgroup_store(mu, &Vn[tr * 8][tj * 8], DVT);
+    simdgroup_store(mu, &Vn[tr * 8][tj * 8], SP);
     gd_store(mr, y + ((bi * T + t0 + tr * 8) * Hv + hv) * Dv + dv0 + tj * 8, Hv * Dv, rows - tr * 8, f);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   // Each state tile is read and rewritten by the one SIMD-group that owns it.
-  const float g_last = gc[C - 1];
-  const float d_last = exp(g_last);
+  const float d_last = cdec[n * (Tp / C) + t0 / C];
   for (int tile = sg; tile < NK * NJ; tile += NSG) {
     const int ti = tile / NJ;
     const int tj = tile % NJ;
     simdgroup_float8x8 acc;
-    simdgroup_load(acc, &Sm[ti * 8][tj * 8], DVT);
+    simdgroup_load(acc, &Sm[ti * 8][tj * 8], SP);
     gd_scale(acc, d_last, d_last);
     for (int kk = 0; kk < C / 8; ++kk) {
       simdgroup_float8x8 ma;
       simdgroup_float8x8 mb;
       gd_load_t(ma, kc + kk * 8 * KLD + ti * 8, KLD, rows - kk * 8, f);
-      gd_scale(ma, exp(g_last - gc[kk * 8 + f.col]), exp(g_last - gc[kk * 8 + f.col + 1]));
-      simdgroup_load(mb, &Vn[kk * 8][tj * 8], DVT);
+      gd_scale(ma, kd[kk * 8 + f.col], kd[kk * 8 + f.col + 1]);
+      simdgroup_load(mb, &Vn[kk * 8][tj * 8], SP);
       simdgroup_multiply_accumulate(acc, ma, mb, acc);
     }
-    simdgroup_store(acc, &Sm[ti * 8][tj * 8], DVT);
+    simdgroup_store(acc, &Sm[ti * 8][tj * 8], SP);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }

@@ -48,3 +48,36 @@ inline void gd_scale(thread simdgroup_float8x8& m, float s0, float s1) {
   m.thread_elements()[0] *= s0;
   m.thread_elements()[1] *= s1;
 }
+
+// e^(sum of g over the tokens (j, i]) for j < i, from per-token factors that are each
+// a sum over their own span: never the difference of two cumulative sums, which
+// cancels when a strong and a weak decay share a chunk. Within one 8-token block
+// the span is summed from g; across blocks it is e^(rest of j's block) x e^(each
+// whole block between) x e^(i's block up to i):
+//   gl: g per token; eh: e^(sum g over [block start, i]); et: e^(sum g over (j, block end]);
+//   eb: e^(sum g over block b).
+inline float gd_span_decay(int i, int j, const threadgroup float* gl, const threadgroup float* eh,
+                           const threadgroup float* et, const threadgroup float* eb) {
+  if (i / 8 == j / 8) {
+    float s = 0.0f;
+    for (int m = j + 1; m <= i; ++m) {
+      s += gl[m];
+    }
+    return exp(s);
+  }
+  float d = et[j] * eh[i];
+  for (int b = j / 8 + 1; b < i / 8; ++b) {
+    d *= eb[b];
+  }
+  return d;
+}
+
+// Tile (r, c), c <= r, of the unit lower-triangular inverse held in x (row stride ld):
+// diagonal tiles in place, the tiles below them transposed into the upper triangle.
+inline void gd_load_tinv(thread simdgroup_float8x8& m, const threadgroup float* x, int ld, int r, int c) {
+  if (r == c) {
+    simdgroup_load(m, x + r * 8 * ld + c * 8, ld);
+  } else {
+    simdgroup_load(m, x + c * 8 * ld + r * 8, ld, ulong2(0, 0), true);
+  }
+}

@@ -12,3 +12,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "met
 # Import the package before any test module imports mlx.core, so that on Linux MLX's CPU
 # backend picks up the system OpenBLAS (see mlx_qwenmoe/_blas.py): the suite runs on it.
 import mlx_qwenmoe  # noqa: E402,F401
+
+# Every kernel test runs its kernels in the emulator's strict mode (a divergent SIMD collective, a
+# barrier some threads have already left, or a device-memory read of another SIMD-group's write
+# without a mem_device barrier is an error) on one shuffled schedule.
+STRICT_EMU = dict(strict=True, shuffle=True, seed=12)

@@ -22,6 +22,7 @@ from mlx_qwenmoe.ops import gated_delta as gd
 from mlx_qwenmoe.ops.gated_delta import kernel
 from mlx_qwenmoe.ops.gated_delta.reference import gated_delta_recurrent
 
+from conftest import STRICT_EMU
 from test_gated_delta import make_inputs, max_abs
 
 SMALL = (2, 4, 32, 16)  # Hk, Hv, Dk, Dv
@@ -32,9 +33,10 @@ STATE_TOL = 2e-5
 
 @pytest.fixture(scope="module", autouse=True)
 def emulated_kernels():
-    """Build the package's kernels with the emulator standing in for mx.fast.metal_kernel."""
+    """Build the package's kernels with the emulator standing in for mx.fast.metal_kernel
+    (strict, on a shuffled schedule)."""
     kernels.build.cache_clear()
-    with me.emulate_metal():
+    with me.emulate_metal(**STRICT_EMU):
         yield
     kernels.build.cache_clear()
 
@@ -106,3 +108,20 @@ def test_update_dispatches_to_metal(monkeypatch, T):
     monkeypatch.setattr(gd, "use_metal", lambda: False)
     ro, rs = gd.gated_delta_update(*args)
     check(o, s, ro, rs, mx.float32)
+
+
+def test_prep_kernel_needs_its_device_barrier(monkeypatch):
+    """w and u go through device memory between SIMD-groups of the prep kernel: the strict
+    emulator rejects the kernel if that barrier orders threadgroup memory only."""
+    source = kernels.metal_source
+    flags = "threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);"
+    assert flags in source("gated_delta_chunk_prep")
+
+    def weakened(name):
+        return source(name).replace(flags, "threadgroup_barrier(mem_flags::mem_threadgroup);")
+
+    monkeypatch.setattr(kernels, "metal_source", weakened)
+    kernels.build.cache_clear()
+    with pytest.raises(me.MetalEmuError, match="output '[wu]', written by simdgroup .* no threadgroup_barrier"):
+        chunked_case(1, 65, SMALL, mx.float32, False)
+    kernels.build.cache_clear()

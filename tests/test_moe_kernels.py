@@ -27,6 +27,7 @@ from mlx_qwenmoe.ops import moe
 from mlx_qwenmoe.ops.moe import kernel, reference
 
 import metal_emu as me  # on sys.path through tests/conftest.py
+from conftest import STRICT_EMU
 
 D, I, IS = 128, 128, 256  # hidden, expert intermediate, shared-expert intermediate (multiples of group 128)
 
@@ -36,7 +37,7 @@ def emulated_metal():
     """Kernels built in this module come from the emulator (strict: a SIMD collective reached
     by part of a SIMD-group is an error); later modules get fresh ones."""
     kernels.build.cache_clear()
-    with me.emulate_metal(strict=True):
+    with me.emulate_metal(**STRICT_EMU):
         yield
     kernels.build.cache_clear()
 

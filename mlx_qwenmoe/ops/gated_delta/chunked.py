@@ -3,7 +3,7 @@
 Inside a chunk of C tokens the recurrence collapses to matmuls plus one unit
 lower-triangular inverse (``reference.py`` is the token-by-token definition).
 With gamma the in-chunk cumulative log decay and S (Dk, Dv) the state entering
-the chunk:
+the chunk (each e^(gamma_i - gamma_j) is taken as e^(sum of g over (j, i]), see below):
 
     A = strict_tril(beta_i k_i.k_j e^(gamma_i - gamma_j));  T = (I + A)^-1
     W = T (beta e^gamma K);  U = T (beta V);  V' = U - W S
@@ -72,10 +72,17 @@ def gated_delta_chunked(
     q, k = _split_chunks(q, chunk, 1), _split_chunks(k, chunk, 1)
     v, g, beta = (_split_chunks(x, chunk, n) for x in (v, g, beta))
 
+    # Every decay is a sum of g over its own span, never a difference of two cumulative sums:
+    # with g = [-1e5, -0.01, ...] a difference of 0.01 would be below one float32 ulp of 1e5.
+    # gamma (over [0, i]) and tail (gamma_C - gamma_j, over (j, C)) each add terms of one sign.
     gamma = mx.cumsum(g, axis=-1)
+    tail = mx.cumsum(g, axis=-1, reverse=True, inclusive=False)
     idx = mx.arange(chunk)
-    # Mask before the exp: above the diagonal the difference is positive and may overflow.
-    decay = mx.exp(mx.where(idx[:, None] >= idx[None, :], gamma[..., :, None] - gamma[..., None, :], -mx.inf))
+    # seg[i, j] = sum of g over (j, i]: a running sum down each column of the masked g.
+    below = idx[:, None] > idx[None, :]
+    seg = mx.cumsum(mx.where(below, g[..., :, None], 0.0), axis=-2)
+    # Mask before the exp: above the diagonal there is no decay to take.
+    decay = mx.exp(mx.where(below | mx.eye(chunk, dtype=mx.bool_), seg, -mx.inf))
     kt = k.swapaxes(-1, -2)
     A = mx.where(mx.eye(chunk, dtype=mx.bool_), 1.0, beta[..., None] * (k @ kt) * decay)
     # LAPACK's trtri runs on the CPU stream only; the matrices are tiny.
@@ -83,7 +90,7 @@ def gated_delta_chunked(
     e_gamma = mx.exp(gamma)[..., None]
     W = (Tb * e_gamma.swapaxes(-1, -2)) @ k
     U = Tb @ v
-    Kd_t = (k * mx.exp(gamma[..., -1:] - gamma)[..., None]).swapaxes(-1, -2)
+    Kd_t = (k * mx.exp(tail)[..., None]).swapaxes(-1, -2)
     d_last = mx.exp(gamma[..., -1])[..., None, None]
 
     if state is None:

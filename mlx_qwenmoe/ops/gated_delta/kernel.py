@@ -78,26 +78,28 @@ def _chunked_segment(
     prep = build(
         "gated_delta_chunk_prep",
         ("q", "k", "v", "g", "beta", "T"),
-        ("w", "u", "qp", "r", "gamma_out"),
+        ("w", "u", "qp", "r", "kdec", "cdec"),
         header,
     )
-    w, u, qp, r, gamma = prep(
+    w, u, qp, r, kdec, cdec = prep(
         inputs=[q, k, v, g, beta, T],
         template=dims,
         grid=(_THREADS, Tp // CHUNK, B * Hv),
         threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(B * Hv, Tp, Dk), (B * Hv, Tp, Dv), (B * Hv, Tp, Dk), (B * Hv, Tp, Dv), (B * Hv, Tp)],
-        output_dtypes=[mx.float32] * 5,
+        output_shapes=[
+            (B * Hv, Tp, Dk), (B * Hv, Tp, Dv), (B * Hv, Tp, Dk), (B * Hv, Tp, Dv), (B * Hv, Tp), (B * Hv, Tp // CHUNK)
+        ],
+        output_dtypes=[mx.float32] * 6,
     )
     dvt = min(_STATE_BLOCK, Dv)
     walk = build(
         "gated_delta_chunk_state",
-        ("w", "qp", "u", "r", "gamma_c", "k", "state_in", "T"),
+        ("w", "qp", "u", "r", "kdec", "cdec", "k", "state_in", "T"),
         ("y", "state_out"),
         header,
     )
     y, state = walk(
-        inputs=[w, qp, u, r, gamma, k, state, T],
+        inputs=[w, qp, u, r, kdec, cdec, k, state, T],
         template=[("InT", v.dtype), *dims, ("DVT", dvt)],
         grid=(_THREADS, Dv // dvt, B * Hv),
         threadgroup=(_THREADS, 1, 1),
