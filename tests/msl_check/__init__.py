@@ -36,7 +36,7 @@ CLANG_FLAGS = [
     "-x", "clcpp", "-cl-std=clc++2021", "-fsyntax-only",
     # no program-scope globals and no fp64, as in Metal; the generic address space stays on
     # only because clang's C++ for OpenCL needs it to copy class objects (return by value)
-    "-Xclang", "-cl-ext=-all,+cl_khr_fp16,+__opencl_c_generic_address_space",
+    "-Xclang", "-cl-ext=-all,+cl_khr_fp16,+__opencl_c_generic_address_space,+__cl_clang_non_portable_kernel_param_types",
     "-cl-no-stdinc",  # OpenCL's builtins would shadow Metal's (exp, max, ...) ambiguously
     "-include", HEADER,
     "-Wno-unknown-attributes",  # [[buffer(n)]], [[thread_position_in_grid]], ...

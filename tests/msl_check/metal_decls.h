@@ -12,6 +12,8 @@
 // Nothing here is defined; the check never links or runs.
 #pragma once
 #pragma OPENCL EXTENSION cl_khr_fp16 : enable  // half is a full type in Metal
+// uint3 thread_position_in_grid and friends are class-typed kernel parameters here
+#pragma OPENCL EXTENSION __cl_clang_non_portable_kernel_param_types : enable
 
 #define device __global
 #define constant __constant
@@ -28,10 +30,32 @@ typedef unsigned int uint;
 typedef unsigned long ulong;
 typedef __SIZE_TYPE__ size_t;
 typedef __PTRDIFF_TYPE__ ptrdiff_t;
-#define METAL_VEC(T)                                 \
-  typedef T T##2 __attribute__((ext_vector_type(2))); \
-  typedef T T##3 __attribute__((ext_vector_type(3))); \
-  typedef T T##4 __attribute__((ext_vector_type(4)));
+// Metal's vector types take constructor syntax (ulong2(0, 0)), which clang's
+// ext_vector_type does not: small structs with the members and constructors used.
+template <typename T, int N>
+struct vec;
+template <typename T>
+struct vec<T, 2> {
+  T x, y;
+  vec() = default;
+  constexpr vec(T v) : x(v), y(v) {}
+  constexpr vec(T a, T b) : x(a), y(b) {}
+};
+template <typename T>
+struct vec<T, 3> {
+  T x, y, z;
+  vec() = default;
+  constexpr vec(T v) : x(v), y(v), z(v) {}
+  constexpr vec(T a, T b, T c) : x(a), y(b), z(c) {}
+};
+template <typename T>
+struct vec<T, 4> {
+  T x, y, z, w;
+  vec() = default;
+  constexpr vec(T v) : x(v), y(v), z(v), w(v) {}
+  constexpr vec(T a, T b, T c, T d) : x(a), y(b), z(c), w(d) {}
+};
+#define METAL_VEC(T) typedef vec<T, 2> T##2; typedef vec<T, 3> T##3; typedef vec<T, 4> T##4;
 METAL_VEC(float)
 METAL_VEC(half)
 METAL_VEC(int)
@@ -42,6 +66,7 @@ METAL_VEC(char)
 METAL_VEC(uchar)
 METAL_VEC(long)
 METAL_VEC(ulong)
+METAL_VEC(bool)
 #undef METAL_VEC
 
 typedef char int8_t;
