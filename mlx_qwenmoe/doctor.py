@@ -26,7 +26,6 @@ import mlx.nn as nn
 from . import kernels
 from .model import SparseMoeBlock
 from .ops import gated_delta as gd
-from .ops import moe
 from .ops.gated_delta import check as gd_check
 from .ops.gated_delta import kernel as gd_kernel
 from .ops.moe import check as moe_check
@@ -121,12 +120,16 @@ def _random_quantized(module: nn.Module, dtype: mx.Dtype) -> None:
             layer.biases = (-(2 ** (layer.bits - 1)) * layer.scales).astype(dtype)
 
 
-def _moe_block(s: Shapes) -> SparseMoeBlock:
-    args = SimpleNamespace(
+def _moe_args(s: Shapes) -> SimpleNamespace:
+    """What both our SparseMoeBlock and mlx-lm's Qwen3NextSparseMoeBlock read from the config."""
+    return SimpleNamespace(
         hidden_size=s.hidden, num_experts=s.experts, num_experts_per_tok=s.top_k, norm_topk_prob=True,
         moe_intermediate_size=s.inter, shared_expert_intermediate_size=s.shared_inter,
     )
-    block = SparseMoeBlock(args)
+
+
+def _moe_block(s: Shapes) -> SparseMoeBlock:
+    block = SparseMoeBlock(_moe_args(s))
     nn.quantize(block, class_predicate=lambda p, m: hasattr(m, "to_quantized") and {
         "bits": 8 if p.endswith("gate") else s.bits, "group_size": 64 if p.endswith("gate") else s.group_size})
     _random_quantized(block, s.dtype)
@@ -162,9 +165,7 @@ def moe_rows(s: Shapes, repeats: int) -> List[Row]:
     logits = moe_check.router_logits(1, s.experts, s.top_k, s.dtype)
     parts = (block.switch_mlp, block.shared_expert, block.shared_expert_gate)
     weights, inds = moe_reference.route(logits, s.top_k, True)
-    theirs = Qwen3NextSparseMoeBlock(SimpleNamespace(
-        hidden_size=s.hidden, num_experts=s.experts, num_experts_per_tok=s.top_k, norm_topk_prob=True,
-        moe_intermediate_size=s.inter, shared_expert_intermediate_size=s.shared_inter))
+    theirs = Qwen3NextSparseMoeBlock(_moe_args(s))  # its own weights are never evaluated: ours replace them
     theirs.gate, theirs.switch_mlp, theirs.shared_expert, theirs.shared_expert_gate = block.gate, *parts
     rows = [
         Row(moe_check.ROUTER, _run_check(lambda: moe_check.check_route(logits, s.top_k, True)), _times(

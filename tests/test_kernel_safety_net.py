@@ -8,7 +8,7 @@ Metal pretended and every kernel executed by the MSL emulator, as the kernel tes
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator
+from typing import Iterator
 
 import mlx.core as mx
 import pytest
