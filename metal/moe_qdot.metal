@@ -8,11 +8,13 @@
 // which always lie inside one quantization group because 2 * 32 / BITS divides
 // every supported group size (32, 64, 128) for BITS 4 and 8.
 
+// Program-scope data (static members included) must live in the constant
+// address space in MSL, as MLX's utils.h and quantized.h write it.
 template <int BITS>
 struct QLayout {
-  static constexpr int PER_WORD = 32 / BITS;
-  static constexpr int VALS = 2 * PER_WORD;  // values per lane per step
-  static constexpr uint MASK = (1u << BITS) - 1u;
+  static constexpr constant int PER_WORD = 32 / BITS;
+  static constexpr constant int VALS = 2 * PER_WORD;  // values per lane per step
+  static constexpr constant uint MASK = (1u << BITS) - 1u;
 };
 
 // Adds to acc[r] this lane's share of dot(row r, v) for r < nrows.

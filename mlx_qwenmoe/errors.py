@@ -19,3 +19,7 @@ class ModelNotFoundError(QwenMoeError, FileNotFoundError):
 
 class OutputError(QwenMoeError, OSError):
     """An output directory exists, cannot be written, or has too little free space."""
+
+
+class KernelCheckError(QwenMoeError, RuntimeError):
+    """A Metal kernel computed something other than its pure-MLX twin on a check input."""

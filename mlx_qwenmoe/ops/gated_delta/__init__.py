@@ -10,13 +10,14 @@ One token takes the recurrent step, more take the chunked form; Metal when
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ... import kernels
 from ...kernels import use_metal
-from . import kernel
+from . import check, kernel
 from .chunked import gated_delta_chunked
 from .reference import gated_delta_recurrent
 
@@ -62,12 +63,27 @@ def gated_delta_update(
     """
     T = q.shape[1]
     metal = use_metal() and kernel.supports(q.shape[-1], v.shape[-1])
-    if metal and T == 1:
-        return kernel.decode_step(q, k, v, a, b, A_log, dt_bias, state)
+    args = (q, k, v, a, b, A_log, dt_bias, state)
+    if metal and T == 1 and _verified(check.DECODE, check.check_decode, args, 1):
+        return kernel.decode_step(*args)
+    chunked_kernel = metal and T > 1 and _verified(check.CHUNKED, check.check_chunked, args, min(T, check.CHECK_T))
     q, k = l2_normalize_qk(q, k)
     g, beta = decay_and_beta(a, b, A_log, dt_bias)
-    if metal:
+    if chunked_kernel:
         return kernel.chunked(q, k, v, g, beta, state)
     if T <= RECURRENT_MAX_T:
         return gated_delta_recurrent(q, k, v, g, beta, state)
     return gated_delta_chunked(q, k, v, g, beta, state)
+
+
+def _verified(name: str, check_fn: Callable[..., None], args: tuple, check_t: int) -> bool:
+    """Kernel ``name`` passed ``check_fn`` on a ``check_t``-token sample shaped like ``args``.
+
+    One check per instantiation: shapes other than time, dtypes, and whether a and b
+    are small enough (under 8 elements) for MLX to pass them as ``constant``.
+    """
+    a = args[3]
+    timed = [(x.shape[:1] + x.shape[2:], x.dtype) for x in args[:5]]
+    rest = [None if x is None else (x.shape, x.dtype) for x in args[5:]]
+    variant = (*timed, *rest, a.shape[0] * check_t * a.shape[2] < 8)
+    return kernels.verified(name, variant, lambda: check_fn(*check.sample_like(args, check_t)))

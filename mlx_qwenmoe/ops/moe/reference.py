@@ -15,12 +15,20 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 
 def route(logits: mx.array, top_k: int, normalize: bool) -> Tuple[mx.array, mx.array]:
-    """Softmax over experts, top-k, optional renormalisation: (weights float32, expert ids uint32)."""
-    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    """Softmax over experts, top-k, optional renormalisation: (weights float32, expert ids uint32).
+
+    NaN logits count as -inf, and experts with -inf logits get weight 0 (all 0 when
+    no logit is finite), so a broken row routes to valid ids with no weight.
+    """
+    logits = logits.astype(mx.float32)
+    logits = mx.where(mx.isnan(logits), -mx.inf, logits)
+    probs = mx.softmax(logits, axis=-1)
+    probs = mx.where(mx.isnan(probs), 0.0, probs)  # rows with no finite logit
     inds = mx.argpartition(probs, kth=-top_k, axis=-1)[..., -top_k:]
     weights = mx.take_along_axis(probs, inds, axis=-1)
     if normalize:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
+        total = weights.sum(axis=-1, keepdims=True)
+        weights = mx.where(total > 0, weights / mx.where(total > 0, total, 1.0), 0.0)
     return weights, inds.astype(mx.uint32)
 
 
