@@ -318,16 +318,14 @@ def decode_step(model: nn.Module) -> Callable[[], Callable[[mx.array], mx.array]
 
 
 def batched_decode_step(model: nn.Module, batch: int) -> Callable[[], Callable[[mx.array], mx.array]]:
-    """``decode_step`` for ``batch`` sequences: their one-token caches merged as mlx-lm's
-    BatchGenerator and our BatchEngine merge them (``merge`` of each layer's caches)."""
+    """``decode_step`` for ``batch`` sequences in mlx-lm's batch caches (``merge`` of each
+    layer's empty caches, as mlx-lm's BatchGenerator starts), after a one-token prompt each."""
 
     def make() -> Callable[[mx.array], mx.array]:
-        singles = []
-        for _ in range(batch):
-            cache = model.make_cache()
-            model(mx.array([[1]]), cache=cache)
-            singles.append(cache)
-        cache = [type(layer[0]).merge(list(layer)) for layer in zip(*singles)]
+        cache = [type(c).merge([c] * batch) for c in model.make_cache()]
+        model(mx.ones((batch, 1), dtype=mx.uint32), cache=cache)
+        for c in cache:
+            c.finalize()  # drops the all-zero padding of the merged empty states
         mx.eval(cache_state(cache))
         return lambda tokens: model(tokens, cache=cache)
 
@@ -418,8 +416,8 @@ def batched_report(ours: nn.Module, theirs: nn.Module, args: ModelArgs, batch: i
          f"{base[name].weight_bytes / (s.weight_bytes / b):.2f}x", kib(s.act_read // b)]
         for name, b, s in rows
     ]
-    print(f"\nBatched decode step, Metal, {args.num_hidden_layers} layers (A3B shapes), batch caches merged "
-          "from one-token sequences; each token's top-8 experts distinct from the others'")
+    print(f"\nBatched decode step, Metal, {args.num_hidden_layers} layers (A3B shapes), in mlx-lm's batch caches "
+          "after a one-token prompt per sequence; each token's top-8 experts distinct from the others'")
     headers = ["path", "batch", "dispatches", "dispatches / token", "weights + cache read",
                "per generated token", "less than batch 1", "activations read / token"]
     print(table(headers, out))
