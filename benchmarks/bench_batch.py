@@ -83,23 +83,22 @@ def generator_run(model: Any, prompts: List[List[int]], sampler: Callable, steps
 
 def throughput(models: Dict[str, Any], tokenizer: Any, prompts: List[List[int]], steps: int, repeats: int) -> None:
     sampler = no_eos_greedy(sorted(tokenizer.eos_token_ids), models["ours"].args.vocab_size)
+    drivers = {
+        "ours: BatchEngine": lambda b: engine_run(models["ours"], tokenizer, prompts[:b], sampler, steps),
+        "mlx-lm: BatchGenerator + qwen3_5_moe": lambda b: generator_run(models["mlx-lm"], prompts[:b], sampler, steps),
+        "mlx-lm BatchGenerator + our model": lambda b: generator_run(models["ours"], prompts[:b], sampler, steps),
+    }
+    # every (driver, batch) pair in one alternation, so the ratios between batch sizes see the same load
+    runs = {(name, b): make(b) for b in BATCHES for name, make in drivers.items()}
+    results = C.alternate(runs, repeats)
+    best = {key: C.best_median([key[1] * steps / cpu for _, cpu in times]) for key, times in results.items()}
     rows = []
-    base: Dict[str, float] = {}
-    for b in BATCHES:
-        runs = {
-            "ours: BatchEngine": engine_run(models["ours"], tokenizer, prompts[:b], sampler, steps),
-            "mlx-lm: BatchGenerator + qwen3_5_moe": generator_run(models["mlx-lm"], prompts[:b], sampler, steps),
-            "mlx-lm BatchGenerator + our model": generator_run(models["ours"], prompts[:b], sampler, steps),
-        }
-        results = C.alternate(runs, repeats)
-        best = {name: C.best_median([b * steps / cpu for _, cpu in times]) for name, times in results.items()}
-        mlx_lm_rate = best["mlx-lm: BatchGenerator + qwen3_5_moe"][0]
-        for name, times in results.items():
-            cpu_best, cpu_median = best[name]
-            wall_best, _ = C.best_median([b * steps / wall for wall, _ in times])
-            base.setdefault(name, cpu_best)
-            rows.append([name, b, f"{cpu_best:.1f}", f"{cpu_median:.1f}", f"{wall_best:.1f}",
-                         f"{cpu_best / base[name]:.2f}x", f"{cpu_best / mlx_lm_rate:.2f}x"])
+    for (name, b), times in results.items():
+        cpu_best, cpu_median = best[name, b]
+        wall_best, _ = C.best_median([b * steps / wall for wall, _ in times])
+        rows.append([name, b, f"{cpu_best:.1f}", f"{cpu_median:.1f}", f"{wall_best:.1f}",
+                     f"{cpu_best / best[name, 1][0]:.2f}x",
+                     f"{cpu_best / best['mlx-lm: BatchGenerator + qwen3_5_moe', b][0]:.2f}x"])
     print(f"\nAggregate decode tokens/s, {steps} steps timed after every request is decoding, best of {repeats}")
     headers = ["driver", "batch", "tok/CPU-s (best)", "tok/CPU-s (median)", "tok/wall-s (best)", "vs batch 1",
                "vs mlx-lm at this batch"]
