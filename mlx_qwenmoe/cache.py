@@ -30,6 +30,12 @@ class AttentionCache(KVCache):
 class BatchAttentionCache(BatchKVCache):
     """mlx-lm's left-padded batch of KV caches whose rows come back out as ``AttentionCache``."""
 
+    @classmethod
+    def merge(cls, caches: Sequence[KVCache]) -> "BatchAttentionCache":
+        if all(c.size() == 0 for c in caches):
+            return cls([0] * len(caches))  # mlx-lm's merge returns its base class here
+        return super().merge(caches)
+
     def extract(self, idx: int) -> AttentionCache:
         row = super().extract(idx)
         cache = AttentionCache()

@@ -11,7 +11,7 @@ from mlx_lm.generate import batch_generate as mlx_lm_batch_generate
 from mlx_lm.sample_utils import make_logits_processors
 
 from mlx_qwenmoe import BatchEngine, batch_generate, generate, generate_step, load, stream_generate
-from mlx_qwenmoe.cache import BatchAttentionCache, DeltaNetCache
+from mlx_qwenmoe.cache import AttentionCache, BatchAttentionCache, DeltaNetCache
 from tiny_models import make_checkpoint, make_tokenizer
 
 CHUNK = 8  # prefill step: the 70-token prompt joins over 9 engine steps
@@ -153,6 +153,7 @@ def test_batch_generate_and_returned_cache(tiny):
     while engine.has_work():
         done.update({e.request_id: e for e in engine.step() if e.finish_reason})
     finished = done[max(done)]
+    assert {type(c) for c in finished.cache} == {AttentionCache, DeltaNetCache}  # snapshot/restore kept
     history = prompts[0] + [t for t, _ in generate_step(mx.array(prompts[0]), model, max_tokens=4)]
     more = [31, 32, 33]
     resumed = generate_step(mx.array(history[-1:] + more), model, max_tokens=5, cache=finished.cache)
