@@ -109,7 +109,8 @@ class BatchEngine:
         return_cache: bool = False,
     ) -> int:
         """Queue a request; returns its id. ``cache`` (single-sequence caches, e.g. a prompt
-        cache entry) already holds the tokens before ``prompt``; ``prompt`` is what follows."""
+        cache entry) already holds the tokens before ``prompt``; ``prompt`` is what follows.
+        The engine updates ``cache`` in place, as ``generate_step`` does: snapshot it to reuse it."""
         ids = _prompt_ids(self.tokenizer, prompt).tolist()
         if not ids:
             raise ValueError("prompt must hold at least one token")

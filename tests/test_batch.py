@@ -11,7 +11,7 @@ from mlx_lm.generate import batch_generate as mlx_lm_batch_generate
 from mlx_lm.sample_utils import make_logits_processors
 
 from mlx_qwenmoe import BatchEngine, batch_generate, generate, generate_step, load, stream_generate
-from mlx_qwenmoe.cache import AttentionCache, BatchAttentionCache, DeltaNetCache
+from mlx_qwenmoe.cache import AttentionCache, BatchAttentionCache, DeltaNetCache, restore_caches, snapshot_caches
 from tiny_models import make_checkpoint, make_tokenizer
 
 CHUNK = 8  # prefill step: the 70-token prompt joins over 9 engine steps
@@ -156,8 +156,23 @@ def test_batch_generate_and_returned_cache(tiny):
     assert {type(c) for c in finished.cache} == {AttentionCache, DeltaNetCache}  # snapshot/restore kept
     history = prompts[0] + [t for t, _ in generate_step(mx.array(prompts[0]), model, max_tokens=4)]
     more = [31, 32, 33]
+    expected = [t for t, _ in generate_step(mx.array(history + more), model, max_tokens=5)]
+    # ... in the engine (a prompt-cache hit: only the new tokens are prefilled), which updates
+    # the cache in place as generate_step does, so it is rolled back before the run alone
+    saved = snapshot_caches(finished.cache)
+    resumed_id = engine.submit(history[-1:] + more, max_tokens=5, cache=finished.cache)
+    assert [e.token for e in run_all(engine) if e.request_id == resumed_id] == expected
+    assert finished.cache[-1].offset > saved[-1]
+    restore_caches(finished.cache, saved)
     resumed = generate_step(mx.array(history[-1:] + more), model, max_tokens=5, cache=finished.cache)
-    assert [t for t, _ in resumed] == [t for t, _ in generate_step(mx.array(history + more), model, max_tokens=5)]
+    assert [t for t, _ in resumed] == expected
+
+
+def run_all(engine):
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    return events
 
 
 def test_engine_rejects_bad_arguments(tiny):
