@@ -186,3 +186,15 @@ def test_engine_rejects_bad_arguments(tiny):
         engine.submit([1, 2], max_tokens=0)
     with pytest.raises(ValueError, match="max_tokens has 1 entries"):
         batch_generate(model, tokenizer, [[1], [2]], max_tokens=[3])
+
+
+def test_cancel_while_prefilling_or_waiting(tiny):
+    model, tokenizer = tiny
+    engine = BatchEngine(model, tokenizer, max_batch=1, prefill_step_size=CHUNK)
+    prefilling, waiting = engine.submit(prompt(70, 1), max_tokens=4), engine.submit(prompt(3, 2), max_tokens=4)
+    assert engine.step() == [] and (engine.num_active, engine.num_waiting) == (1, 1)
+    assert engine.cancel(prefilling) and engine.cancel(waiting)
+    assert {(e.request_id, e.token, e.finish_reason) for e in engine.step()} == {
+        (prefilling, None, "cancelled"), (waiting, None, "cancelled")
+    }
+    assert not engine.has_work()
