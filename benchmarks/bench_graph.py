@@ -1,7 +1,9 @@
 """Graph statistics of one decode step: operations and bytes moved, ours vs mlx-lm.
 
-Two tables: the MoE block alone (ours vs mlx-lm's ``Qwen3NextSparseMoeBlock``)
-and a whole decode step of a 4-layer model (ours vs mlx-lm's ``qwen3_5_moe``),
+Three tables: the MoE block alone (ours vs mlx-lm's ``Qwen3NextSparseMoeBlock``),
+a whole decode step of a 4-layer model (ours vs mlx-lm's ``qwen3_5_moe``), and that
+step batched over 8 sequences (continuous batching: mlx-lm's batch caches, ours and
+mlx-lm's), per generated token against one sequence,
 both on the real Qwen3.5-35B-A3B layer shapes (hidden 2048, 256 experts top-8,
 expert and shared intermediate 512), quantized as ``mlx_qwenmoe convert --bits 4``
 writes it (4-bit group 64; routers and DeltaNet a/b 8-bit), bfloat16 activations, one token.
@@ -190,7 +192,8 @@ def compiled_nodes_in_dot(fn: Callable[[mx.array], mx.array], x: mx.array) -> in
         return len(re.findall(r'label ="Compiled', Path(path).read_text()))
 
 
-def count(graph: Graph, num_experts: int, top_k: int) -> Stats:
+def count(graph: Graph, num_experts: int, experts_read: int) -> Stats:
+    """``experts_read``: how many of a stacked expert tensor's experts one gather reads."""
     nodes, constants = graph.nodes, graph.constants
     producer = {o[0]: n for n in nodes for o in n.outputs}
     # Placeholders of fused nodes and everything that only built them are not part of the graph.
@@ -239,7 +242,7 @@ def count(graph: Graph, num_experts: int, top_k: int) -> Stats:
             if label in ROW_GATHERS and name == inputs[0][0]:
                 b = sum(_nbytes(s, d) for _, s, d in n.outputs)  # only the looked-up rows
             elif gathers and len(shape) == 3 and shape[0] == num_experts:
-                b = b * top_k // num_experts  # a decode token reads only its top-k experts
+                b = b * experts_read // num_experts  # decode tokens read only their top-k experts
             stats.weight_bytes += b
         stats.act_written += sum(_nbytes(s, d) for nm, s, d in n.outputs if nm not in final)
     return stats
@@ -311,13 +314,33 @@ def decode_step(model: nn.Module) -> Callable[[], Callable[[mx.array], mx.array]
     return make
 
 
-def measure(make: Callable[[], Callable[[mx.array], mx.array]], x: mx.array, metal: bool, args: ModelArgs) -> Stats:
-    """Stats of ``make()(x)``; ``make`` is called before any patching, once per trace."""
+def batched_decode_step(model: nn.Module, batch: int) -> Callable[[], Callable[[mx.array], mx.array]]:
+    """``decode_step`` for ``batch`` sequences in mlx-lm's batch caches (``merge`` of each
+    layer's empty caches, as mlx-lm's BatchGenerator starts), after a one-token prompt each."""
+
+    def make() -> Callable[[mx.array], mx.array]:
+        cache = [type(c).merge([c] * batch) for c in model.make_cache()]
+        model(mx.ones((batch, 1), dtype=mx.uint32), cache=cache)
+        for c in cache:
+            c.finalize()  # drops the all-zero padding of the merged empty states
+        mx.eval(cache_state(cache))
+        return lambda tokens: model(tokens, cache=cache)
+
+    return make
+
+
+def measure(
+    make: Callable[[], Callable[[mx.array], mx.array]], x: mx.array, metal: bool, args: ModelArgs
+) -> Stats:
+    """Stats of ``make()(x)``; ``make`` is called before any patching, once per trace. The
+    tokens of x pick distinct experts (at most all of them): the most a batch can read."""
     for_dot, for_trace = make(), make()
     with patched(metal, fuse_compiled=False):
         expected_compiled = compiled_nodes_in_dot(for_dot, x)
     with patched(metal, fuse_compiled=True):
-        stats = count(trace(for_trace, x), args.num_experts, args.num_experts_per_tok)
+        tokens = math.prod(x.shape[:2])  # (B, T) token ids or (B, T, D) activations
+        experts_read = min(args.num_experts, tokens * args.num_experts_per_tok)
+        stats = count(trace(for_trace, x), args.num_experts, experts_read)
     compiled = sum(v for k, v in stats.kinds.items() if k.startswith("compiled"))
     if compiled != expected_compiled:
         raise RuntimeError(f"fused {compiled} compiled functions, the lazy graph has {expected_compiled}")
@@ -374,6 +397,28 @@ def main() -> None:
         rows,
         "weights + cache read",
     )
+    batched_report(ours, theirs, args)
+
+
+def batched_report(ours: nn.Module, theirs: nn.Module, args: ModelArgs, batch: int = 8) -> None:
+    """One decode step for 1 and for ``batch`` sequences, and what each generated token costs."""
+    rows = []
+    for name, model in (("mlx-lm qwen3_5_moe", theirs), ("ours, model wiring today", ours)):
+        for b in (1, batch):
+            tokens = mx.ones((b, 1), dtype=mx.uint32)
+            s = measure(batched_decode_step(model, b), tokens, metal=True, args=args)
+            rows.append((name, b, s))
+    base = {name: s for name, b, s in rows if b == 1}
+    out = [
+        [name, b, s.dispatches, f"{s.dispatches / b:.1f}", kib(s.weight_bytes), kib(s.weight_bytes // b),
+         f"{base[name].weight_bytes / (s.weight_bytes / b):.2f}x", kib(s.act_read // b)]
+        for name, b, s in rows
+    ]
+    print(f"\nBatched decode step, Metal, {args.num_hidden_layers} layers (A3B shapes), in mlx-lm's batch caches "
+          "after a one-token prompt per sequence; each token's top-8 experts distinct from the others'")
+    headers = ["path", "batch", "dispatches", "dispatches / token", "weights + cache read",
+               "per generated token", "less than batch 1", "activations read / token"]
+    print(table(headers, out))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
-from mlx_lm.models.cache import ArraysCache, KVCache
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
 
 class AttentionCache(KVCache):
@@ -22,6 +22,26 @@ class AttentionCache(KVCache):
     def restore(self, snapshot: int) -> None:
         self.offset = snapshot
 
+    @classmethod
+    def merge(cls, caches: Sequence["AttentionCache"]) -> "BatchAttentionCache":
+        return BatchAttentionCache.merge(caches)
+
+
+class BatchAttentionCache(BatchKVCache):
+    """mlx-lm's left-padded batch of KV caches whose rows come back out as ``AttentionCache``."""
+
+    @classmethod
+    def merge(cls, caches: Sequence[KVCache]) -> "BatchAttentionCache":
+        if all(c.size() == 0 for c in caches):
+            return cls([0] * len(caches))  # mlx-lm's merge returns its base class here
+        return super().merge(caches)
+
+    def extract(self, idx: int) -> AttentionCache:
+        row = super().extract(idx)
+        cache = AttentionCache()
+        cache.keys, cache.values, cache.offset = row.keys, row.values, row.offset
+        return cache
+
 
 class DeltaNetCache(ArraysCache):
     """Conv state (B, K-1, conv_dim) and recurrent state (B, Hv, Dv, Dk, float32) of a DeltaNet layer.
@@ -32,8 +52,11 @@ class DeltaNetCache(ArraysCache):
     it off for prefill: it holds one recurrent state per token of the block.
     """
 
-    def __init__(self) -> None:
-        super().__init__(size=2)
+    def __init__(self, size: int = 2, left_padding: Optional[List[int]] = None) -> None:
+        # mlx-lm's ArraysCache.merge builds the batched cache as cls(size)
+        if size != 2:
+            raise ValueError(f"DeltaNetCache holds 2 arrays (conv, recurrent), not size={size}")
+        super().__init__(size=2, left_padding=left_padding)
         self.record_steps = False
         self._block: Optional[Tuple[mx.array, List[Optional[mx.array]]]] = None
 
@@ -52,6 +75,12 @@ class DeltaNetCache(ArraysCache):
     def restore(self, snapshot: tuple) -> None:
         self.cache = list(snapshot)
         self._block = None
+
+    def extract(self, idx: int) -> "DeltaNetCache":
+        """Row ``idx`` of a batched cache as a cache of its own (ArraysCache's returns its base class)."""
+        cache = DeltaNetCache()
+        cache.cache = [None if c is None else mx.contiguous(c[idx : idx + 1]) for c in self.cache]
+        return cache
 
     def record_block(self, conv_in: mx.array, states: List[Optional[mx.array]]) -> None:
         """conv_in: (B, K-1+T, C), the conv state before the block then its T inputs;

@@ -21,6 +21,7 @@ from .sampling import LogitsProcessor, Sampler, log_probs
 __all__ = [
     "GenerationResponse",
     "StopStrings",
+    "TokenText",
     "format_stats",
     "generate",
     "generate_step",
@@ -130,6 +131,34 @@ def prompt_token_ids(tokenizer: Any, text: str) -> List[int]:
     unless the text already starts with BOS."""
     bos = tokenizer.bos_token
     return tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
+class TokenText:
+    """One request's tokens as streamed text: the delta each token adds, without EOS tokens or
+    stop strings, and the finish reason ("stop": EOS or a stop string, "length": ``max_tokens``)."""
+
+    def __init__(self, tokenizer: TokenizerWrapper, max_tokens: int, stop: Sequence[str] = ()):
+        self.detokenizer = tokenizer.detokenizer  # a fresh copy per request
+        self.stops = StopStrings(stop)
+        self.eos = tokenizer.eos_token_ids
+        self.max_tokens = max_tokens
+        self.count = 0
+
+    def add(self, token: int) -> Tuple[str, Optional[str]]:
+        self.count += 1
+        finish_reason = None
+        if token in self.eos:
+            finish_reason = "stop"
+        else:
+            self.detokenizer.add_token(token)
+            if self.count == self.max_tokens:
+                finish_reason = "length"
+        if finish_reason:
+            self.detokenizer.finalize()
+        text, hit = self.stops.feed(self.detokenizer.last_segment)
+        if hit:
+            finish_reason = "stop"
+        elif finish_reason:
+            text += self.stops.flush()
+        return text, finish_reason
 
 
 def _prompt_ids(tokenizer: TokenizerWrapper, prompt: Union[str, Sequence[int], mx.array]) -> mx.array:
@@ -182,9 +211,7 @@ def stream_generate(
     else:
         tokens = ((t, lp, False) for t, lp in generate_step(prompt, model, cache=cache, **options))
 
-    detokenizer = tokenizer.detokenizer
-    stops = StopStrings(stop)
-    eos = tokenizer.eos_token_ids
+    text_stream = TokenText(tokenizer, max_tokens, stop)
     tic = time.perf_counter()
     prompt_tps = 0.0
     # Keeps the weights wired on Apple silicon, as mlx-lm does (a no-op elsewhere).
@@ -193,20 +220,7 @@ def stream_generate(
             if n == 0:
                 prompt_tps = prompt.size / (time.perf_counter() - tic)
                 tic = time.perf_counter()
-            finish_reason = None
-            if token in eos:
-                finish_reason = "stop"
-            else:
-                detokenizer.add_token(token)
-                if n + 1 == max_tokens:
-                    finish_reason = "length"
-            if finish_reason:
-                detokenizer.finalize()
-            text, hit = stops.feed(detokenizer.last_segment)
-            if hit:
-                finish_reason = "stop"
-            elif finish_reason:
-                text += stops.flush()
+            text, finish_reason = text_stream.add(token)
             yield GenerationResponse(
                 text=text,
                 token=token,

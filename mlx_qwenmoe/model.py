@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import precise_swiglu, swiglu
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from .cache import AttentionCache, DeltaNetCache
@@ -45,7 +46,7 @@ def sigmoid_gate(x: mx.array, gate: mx.array) -> mx.array:
 
 def _delta_steps(
     q: mx.array, k: mx.array, v: mx.array, a: mx.array, b: mx.array,
-    A_log: mx.array, dt_bias: mx.array, state: Optional[mx.array],
+    A_log: mx.array, dt_bias: mx.array, state: Optional[mx.array], mask: Optional[mx.array] = None,
 ) -> Tuple[mx.array, List[Optional[mx.array]]]:
     """The delta rule one token at a time, exactly as decoding runs it, keeping the state before
     the block and after every token so a speculative verify block can be cut back to any prefix."""
@@ -53,7 +54,8 @@ def _delta_steps(
     for t in range(q.shape[1]):
         step = slice(t, t + 1)
         o, state = gated_delta_update(
-            q[:, step], k[:, step], v[:, step], a[:, step], b[:, step], A_log, dt_bias, state
+            q[:, step], k[:, step], v[:, step], a[:, step], b[:, step], A_log, dt_bias, state,
+            None if mask is None else mask[:, step],
         )
         outs.append(o)
         states.append(state)
@@ -84,9 +86,15 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, args.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, args.hidden_size, bias=False)
 
-    def __call__(self, x: mx.array, cache: Optional[DeltaNetCache] = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: Optional[DeltaNetCache] = None, mask: Optional[mx.array] = None
+    ) -> mx.array:
+        """mask: (B, S) bool, False at batch padding (mlx-lm's ``cache.make_mask``)."""
         B, S, _ = x.shape
         qkv = self.in_proj_qkv(x)
+        if mask is not None:
+            # padding enters the conv window as the zeros a fresh conv state holds
+            qkv = mx.where(mask[..., None], qkv, 0)
         z = self.in_proj_z(x).reshape(B, S, self.num_v_heads, self.head_v_dim)
         b = self.in_proj_b(x)
         a = self.in_proj_a(x)
@@ -95,7 +103,11 @@ class GatedDeltaNet(nn.Module):
         if conv_state is None:
             conv_state = mx.zeros((B, self.conv_kernel_size - 1, self.conv_dim), dtype=qkv.dtype)
         conv_in = mx.concatenate([conv_state, qkv], axis=1)
-        if cache is not None:
+        if cache is not None and cache.lengths is not None:
+            # right-padded rows (mlx-lm's batched prompts) keep the window ending at their length
+            ends = mx.clip(cache.lengths, 0, S)[:, None] + mx.arange(self.conv_kernel_size - 1)
+            cache[0] = mx.take_along_axis(conv_in, ends[..., None], axis=1)
+        elif cache is not None:
             # contiguous: do not keep the whole prompt's projection alive through a slice view
             cache[0] = mx.contiguous(conv_in[:, 1 - self.conv_kernel_size :])
         conv_out = nn.silu(self.conv1d(conv_in))
@@ -107,13 +119,14 @@ class GatedDeltaNet(nn.Module):
 
         state = cache.recurrent_state if cache is not None else None
         if cache is not None and cache.record_steps:
-            out, states = _delta_steps(q, k, v, a, b, self.A_log, self.dt_bias, state)
+            out, states = _delta_steps(q, k, v, a, b, self.A_log, self.dt_bias, state, mask)
             cache.record_block(conv_in, states)
             state = states[-1]
         else:
-            out, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state)
+            out, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state, mask)
         if cache is not None:
             cache[1] = state
+            cache.advance(S)
         out = self.norm(out, z)
         return self.out_proj(out.reshape(B, S, self.value_dim))
 
@@ -141,7 +154,10 @@ class Attention(nn.Module):
             x, self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset
         )
 
-    def __call__(self, x: mx.array, cache: Optional[AttentionCache] = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: Optional[AttentionCache] = None, mask: Optional[Any] = None
+    ) -> mx.array:
+        """mask: None for causal, else what mlx-lm's ``cache.make_mask`` gives (per-row padding)."""
         B, L, _ = x.shape
         q, gate = mx.split(self.q_proj(x).reshape(B, L, self.num_heads, 2 * self.head_dim), 2, axis=-1)
         q = self.q_norm(q).transpose(0, 2, 1, 3)
@@ -152,10 +168,10 @@ class Attention(nn.Module):
         q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # "causal" aligns the mask to the last query, so it holds with a cache prefix too.
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.head_dim**-0.5, mask="causal" if L > 1 else None
-        )
+        if mask is None and L > 1:
+            # "causal" aligns the mask to the last query, so it holds with a cache prefix too.
+            mask = "causal"
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(sigmoid_gate(out, gate.reshape(B, L, -1)))
 
@@ -204,9 +220,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.mlp = SparseMoeBlock(args) if is_sparse else MLP(args.hidden_size, args.intermediate_size)
 
-    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: Any = None, mask: Optional[Any] = None) -> mx.array:
         mixer = self.linear_attn if self.is_linear else self.self_attn
-        h = x + mixer(self.input_layernorm(x), cache)
+        h = x + mixer(self.input_layernorm(x), cache, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def make_cache(self) -> Any:
@@ -226,9 +242,22 @@ class Qwen3_5TextModel(nn.Module):
         self, inputs: mx.array, cache: Optional[List[Any]] = None, input_embeddings: Optional[mx.array] = None
     ) -> mx.array:
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
-        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
-            h = layer(h, c)
+        cache = cache or [None] * len(self.layers)
+        masks = self._padding_masks(h, cache)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c, masks[layer.is_linear])
         return self.norm(h)
+
+    def _padding_masks(self, h: mx.array, cache: List[Any]) -> Dict[bool, Any]:
+        """{is_linear: mask} from the first cache of each kind, as mlx-lm's qwen3_5 does:
+        None (causal, nothing padded) unless the caches are mlx-lm batch caches with padding."""
+        first = {}
+        for layer, c in zip(self.layers, cache):
+            first.setdefault(layer.is_linear, c)
+        return {
+            True: create_ssm_mask(h, first.get(True)),
+            False: create_attention_mask(h, first.get(False)) if first.get(False) is not None else None,
+        }
 
 
 class TextModel(nn.Module):

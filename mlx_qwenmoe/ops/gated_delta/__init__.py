@@ -55,20 +55,30 @@ def gated_delta_update(
     A_log: mx.array,
     dt_bias: mx.array,
     state: Optional[mx.array] = None,
+    mask: Optional[mx.array] = None,
 ) -> Tuple[mx.array, mx.array]:
     """The whole DeltaNet token mixer after the convolution.
 
     q, k: (B, T, Hk, Dk) raw (after conv + silu); v: (B, T, Hv, Dv); a, b: (B, T, Hv);
     state: (B, Hv, Dv, Dk) float32 or None. Returns o (B, T, Hv, Dv) and the new state.
+    mask: (B, T) bool or None; a False token (batch padding) leaves the state exactly as it
+    was (its output is garbage): it gets decay g = 0 and beta = 0, so every form of the
+    rule (recurrent, chunked, Metal) skips it without knowing about padding.
     """
     T = q.shape[1]
     metal = use_metal() and kernel.supports(q.shape[-1], v.shape[-1])
     args = (q, k, v, a, b, A_log, dt_bias, state)
     if metal and T == 1 and _verified(check.DECODE, check.check_decode, args, 1):
-        return kernel.decode_step(*args)
+        o, new_state = kernel.decode_step(*args)
+        if mask is not None:
+            old = mx.zeros_like(new_state) if state is None else state
+            new_state = mx.where(mask[:, :, None, None], new_state, old)
+        return o, new_state
     chunked_kernel = metal and T > 1 and _verified(check.CHUNKED, check.check_chunked, args, min(T, check.CHECK_T))
     q, k = l2_normalize_qk(q, k)
     g, beta = decay_and_beta(a, b, A_log, dt_bias)
+    if mask is not None:
+        g, beta = mx.where(mask[..., None], g, 0.0), mx.where(mask[..., None], beta, 0.0)
     if chunked_kernel:
         return kernel.chunked(q, k, v, g, beta, state)
     if T <= RECURRENT_MAX_T:
