@@ -19,3 +19,7 @@ class ModelNotFoundError(QwenMoeError, FileNotFoundError):
 
 class OutputError(QwenMoeError, OSError):
     """An output directory exists, cannot be written, or has too little free space."""
+
+
+class PromptCacheError(QwenMoeError, ValueError):
+    """A prompt cache file is unreadable or belongs to another model, or a cache budget is too small."""

@@ -37,10 +37,11 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_samp
 
 from .cache import DeltaNetCache
 from .errors import CheckpointError
+from .generate import CheckpointHook, chunk_spans
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
-__all__ = ["SamplerSpec", "SpecStats", "mtp_generate_step"]
+__all__ = ["MtpState", "SamplerSpec", "SpecStats", "mtp_generate_step"]
 
 
 @dataclass
@@ -126,6 +127,39 @@ class SpecStats:
         )
 
 
+@dataclass
+class MtpState:
+    """The caches an MTP generation runs on. ``mtp_cache`` holds the MTP slots before position
+    ``start``; ``hidden`` (1, n, H) holds the main model's hidden states from ``start`` on, whose
+    slots wait for the next token. A prompt cache hands one in and reads it back afterwards."""
+
+    cache: List[Any]
+    mtp_cache: List[Any]
+    start: int = 0
+    hidden: Optional[mx.array] = None
+
+    @property
+    def depth(self) -> int:
+        """Tokens the main cache holds when the generation starts."""
+        return self.start + (0 if self.hidden is None else self.hidden.shape[1])
+
+    def settle(self, model: Any, tokens: Sequence[int]) -> mx.array:
+        """Cut the caches back to ``tokens`` (what the main cache should hold: the prompt and
+        every yielded token but the last), run the MTP slots still pending but the last, and
+        return the hidden state of the last token (1, 1, H), whose slot waits for the next one."""
+        n = len(tokens)
+        extra = self.cache[[isinstance(c, DeltaNetCache) for c in self.cache].index(False)].offset - n
+        for c in self.cache:
+            c.trim(extra)
+        for c in self.mtp_cache:
+            c.trim(c.offset - self.start)
+        k = n - 1 - self.start
+        if k > 0:
+            embed = model.language_model.model.embed_tokens
+            model.mtp(self.hidden[:, :k], embed(mx.array(tokens[self.start + 1 : n], mx.uint32))[None], self.mtp_cache)
+        return self.hidden[:, k : k + 1]
+
+
 def _process(logits: mx.array, history: Optional[mx.array], processors: Sequence[LogitsProcessor]) -> mx.array:
     """Logits processors then log-softmax, for one (1, V) row, as mlx-lm's generate_step does."""
     for processor in processors:
@@ -181,12 +215,17 @@ def mtp_generate_step(
     prefill_step_size: int = 2048,
     draft_tokens: int = 2,
     stats: Optional[SpecStats] = None,
+    state: Optional[MtpState] = None,
+    checkpoints: Sequence[int] = (),
+    on_checkpoint: Optional[CheckpointHook] = None,
 ) -> Iterator[Tuple[int, mx.array, bool]]:
     """Generate from ``prompt`` (1-D token ids) with MTP drafts; yields (token, logprobs, from_draft).
 
     logprobs is the main model's (V,) log-distribution after ``logits_processors`` at the
     position that produced the token, as mlx-lm's generate_step yields it. ``max_tokens``
     < 0 generates without end. ``stats``, if given, is filled in as generation goes.
+    ``state`` continues from caches that already hold a prefix of the sequence (``prompt`` is
+    then the rest) and is kept current; ``checkpoints``/``on_checkpoint`` as in ``prefill``.
     """
     if not getattr(model, "has_mtp", False):
         raise CheckpointError("the model has no MTP head (no mtp.* tensors in its checkpoint): run without --mtp")
@@ -201,8 +240,8 @@ def mtp_generate_step(
     stats = stats if stats is not None else SpecStats()
     stats.draft_tokens = draft_tokens
 
-    cache = model.make_cache()
-    mtp_cache = model.make_mtp_cache()
+    state = state if state is not None else MtpState(model.make_cache(), model.make_mtp_cache())
+    cache, mtp_cache, base = state.cache, state.mtp_cache, state.depth
     embed = model.language_model.model.embed_tokens
     prompt = prompt.astype(mx.uint32)
     history = prompt if processors else None
@@ -211,20 +250,29 @@ def mtp_generate_step(
         return model.mtp(hidden, embed(next_tokens)[None], mtp_cache)
 
     # Prefill. MTP slots pair each hidden with the next prompt token, so every chunk but the
-    # last runs its slots at once; the last chunk's wait for the first sampled token.
+    # last runs its slots at once (with any slot the given state left pending); the last
+    # chunk's wait for the first sampled token.
     n = prompt.size
-    for start in range(0, n, prefill_step_size):
-        end = min(start + prefill_step_size, n)
+    pending = [] if state.hidden is None else [state.hidden]
+    for start, end in chunk_spans(n, prefill_step_size, checkpoints):
         hidden = model.hidden(prompt[None, start:end], cache)
+        lag = sum(p.shape[1] for p in pending)
+        pending.append(hidden)
         if end < n:
-            mtp(hidden, prompt[start + 1 : end + 1])
+            mtp(mx.concatenate(pending, axis=1), prompt[start + 1 - lag : end + 1])
+            pending = []
             mx.eval([c.state for c in cache + mtp_cache])
+            if on_checkpoint is not None:
+                on_checkpoint(end, hidden[:, -1:])
             mx.clear_cache()
     logprobs = _process(model.logits(hidden[:, -1]), history, processors)
     y = draw(logprobs).astype(mx.uint32).reshape(1)
     mx.eval(y, logprobs)
+    pending_hidden = mx.concatenate(pending, axis=1)
+    state.start, state.hidden = base + start - lag, pending_hidden
     yield y.item(), logprobs[0], False
-    pending_hidden, pending_tokens = hidden, mx.concatenate([prompt[start + 1 :], y])
+    pending_tokens = mx.concatenate([prompt[start + 1 - lag :], y])
+    pos = base + n  # tokens in the main cache
     for c in cache:
         if isinstance(c, DeltaNetCache):
             c.record_steps = True
@@ -255,6 +303,10 @@ def mtp_generate_step(
         # Verify all drafts with one forward of the main model.
         block = mx.concatenate([y, *drafts])
         hidden = model.hidden(block[None], cache)
+        if n_draft:  # the first MTP call above ran the pending slots
+            state.start, state.hidden = pos, hidden
+        else:
+            state.hidden = mx.concatenate([state.hidden, hidden], axis=1)
         logits = model.logits(hidden[0])
         rows = [_process(logits[i : i + 1], _extend(history, drafts[:i]), processors) for i in range(n_draft + 1)]
         logprobs = mx.concatenate(rows, axis=0)
@@ -284,5 +336,7 @@ def mtp_generate_step(
             history = mx.concatenate([history, accepted])
         pending_hidden = hidden[:, : a + 1]
         pending_tokens = mx.concatenate([accepted, nxt])
+        state.hidden = state.hidden[:, : pos - state.start + a + 1]  # what the cache kept
+        pos += a + 1
         y = nxt
 
