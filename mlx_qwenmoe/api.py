@@ -109,11 +109,11 @@ def chat_prompt_with_boundaries(
     **template_kwargs: Any,
 ) -> Tuple[List[int], List[int]]:
     """``chat_prompt``'s ids (with ``tools`` and any other template variables), and the token
-    offsets where each message after the first begins, and where the assistant's new turn
-    begins: a prompt cache keeps a checkpoint there, so a template that renders an earlier
+    offsets where each message and each message's content begins, the assistant's new turn
+    included: a prompt cache keeps a checkpoint there, so a template that renders an earlier
     turn differently next time (Qwen3.5 drops old thinking) still reuses everything before it.
 
-    A message starts where the render of the messages before it stops agreeing with the whole
+    An offset is where a render of the conversation cut there stops agreeing with the whole
     render (its text is usually a prefix; when a template renders a conversation's end
     differently it is not, and the agreeing part is used), rounded down to a token edge.
     """
@@ -121,11 +121,16 @@ def chat_prompt_with_boundaries(
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
     encoded = hf(text, add_special_tokens=False, return_offsets_mapping=True)
     ends = [end for _, end in encoded["offset_mapping"]]
+    # Each message's start, and its content's start (the message rendered empty): a re-rendered
+    # turn keeps its header, and the assistant's new turn starts after its header too.
+    cuts = [list(messages[:k]) for k in range(1, len(messages) + 1)]
+    cuts += [list(messages[:k]) + [dict(m, content="")] for k, m in enumerate(messages)]
+    cuts.append(list(messages) + [{"role": "assistant", "content": ""}])
     boundaries = set()
-    for k in range(1, len(messages) + 1):
+    for cut in cuts:
         try:
-            prefix = _render(tokenizer, messages[:k], False, enable_thinking, tools, template_kwargs)
+            prefix = _render(tokenizer, cut, False, enable_thinking, tools, template_kwargs)
         except TemplateError:  # a template may refuse a conversation cut there (e.g. ending with a tool call)
             continue
         boundaries.add(bisect.bisect_right(ends, len(os.path.commonprefix([prefix, text]))))
-    return list(encoded["input_ids"]), sorted(boundaries - {0})
+    return list(encoded["input_ids"]), sorted(boundaries - {0, len(ends)})

@@ -145,6 +145,8 @@ class PromptCache:
         self._attn = [i for i, c in enumerate(template) if isinstance(c, AttentionCache)]
         self._delta = [i for i, c in enumerate(template) if isinstance(c, DeltaNetCache)]
         self._mtp = bool(getattr(model, "has_mtp", False))
+        emb = model.language_model.model.embed_tokens
+        self._itemsize = getattr(emb, "scales", emb.weight).dtype.size  # the activations' dtype
         one = self.checkpoint_bytes
         if self.max_bytes < one:
             raise PromptCacheError(f"max_bytes={self.max_bytes}: smaller than one checkpoint of this model ({one} bytes)")
@@ -156,16 +158,25 @@ class PromptCache:
     # ---- sizes and statistics ----
 
     @property
-    def checkpoint_bytes(self) -> int:
-        """Bytes of one checkpoint: every DeltaNet layer's conv and float32 recurrent state."""
+    def state_bytes(self) -> int:
+        """Bytes of every DeltaNet layer's conv and float32 recurrent state: what a sequence
+        holds besides its KV."""
         a = self.model.args
-        emb = self.model.language_model.model.embed_tokens
-        itemsize = getattr(emb, "scales", emb.weight).dtype.size
         conv_dim = 2 * a.linear_num_key_heads * a.linear_key_head_dim + a.linear_num_value_heads * a.linear_value_head_dim
-        conv = (a.linear_conv_kernel_dim - 1) * conv_dim * itemsize
+        conv = (a.linear_conv_kernel_dim - 1) * conv_dim * self._itemsize
         recurrent = a.linear_num_value_heads * a.linear_value_head_dim * a.linear_key_head_dim * 4
-        hidden = a.hidden_size * itemsize if self._mtp else 0
-        return len(self._delta) * (conv + recurrent) + hidden
+        return len(self._delta) * (conv + recurrent)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """Bytes of one checkpoint: the DeltaNet states, and the last hidden state with an MTP head."""
+        return self.state_bytes + (self.model.args.hidden_size * self._itemsize if self._mtp else 0)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Attention KV bytes of one token (the MTP head's not counted)."""
+        a = self.model.args
+        return 2 * len(self._attn) * a.num_key_value_heads * a.head_dim * self._itemsize
 
     @property
     def nbytes(self) -> int:
