@@ -222,7 +222,7 @@ def replay(name: str, requests: Sequence[Request], model: Any, tokenizer: Any, b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default=None, help="comma-separated transcript names")
-    parser.add_argument("--interval", type=int, default=256, help="checkpoint_interval")
+    parser.add_argument("--interval", type=int, default=None, help="checkpoint_interval [default: the model's]")
     parser.add_argument("--budget-mib", type=int, default=64, help="our cache's byte budget, MiB")
     parser.add_argument("--detail", action="store_true", help="also print one row per request")
     args = parser.parse_args()
@@ -233,7 +233,8 @@ def main() -> None:
     budget = args.budget_mib << 20
     results = {n: replay(n, all_transcripts[n], model, tokenizer, budget, args.interval) for n in names}
     per_token = sum(r["cpu"] for rows in results.values() for r in rows) / max(1, sum(r["computed"] for rows in results.values() for r in rows))
-    print(f"\ndemo model, checkpoint_interval {args.interval}, our budget {args.budget_mib} MiB; "
+    interval = PromptCache(model, budget, args.interval).checkpoint_interval
+    print(f"\ndemo model, checkpoint_interval {interval}, our budget {args.budget_mib} MiB; "
           f"prompt CPU-s per computed token (ours, this run): {per_token * 1e3:.2f} ms\n")
     summary = []
     for n, rows in results.items():

@@ -4,8 +4,9 @@ Attention KV can be cut back to any prefix, a DeltaNet state cannot: the state a
 is not recoverable from a later one. So the cache is a token trie (a radix tree) whose edges
 hold the attention KV of their tokens, stored once however many sequences share them, and
 whose checkpoints hold every DeltaNet layer's (conv, recurrent) state at chosen depths:
-every ``checkpoint_interval`` tokens, where each chat message begins (``boundaries``), at the
-end of each prompt and of each generation. A lookup resumes from the deepest checkpoint at or
+every ``checkpoint_interval`` tokens, where each chat message begins (``boundaries``), where a
+prompt leaves the cached sequences it shares a prefix with, at the end of each prompt and of
+each generation. A lookup resumes from the deepest checkpoint at or
 before the longest common prefix; the checkpoints of the rest are taken at prefill chunk ends,
 without extra forward passes. With an MTP head, edges also hold the MTP layer's KV and
 checkpoints the final hidden state its next slot reads.
@@ -37,6 +38,8 @@ __all__ = ["PromptCache", "default_max_bytes"]
 
 FORMAT = "mlx_qwenmoe.prompt_cache/1"
 FREE_MEMORY_FRACTION = 0.25
+MIN_CHECKPOINT_INTERVAL = 256
+INTERVAL, BOUNDARY, END = 0, 1, 2  # checkpoint kinds, the first evicted first
 KV = Tuple[mx.array, mx.array]
 
 
@@ -44,7 +47,7 @@ def free_memory_bytes() -> int:
     """Memory the process could still use: Metal's recommended working set less what MLX holds,
     else the kernel's MemAvailable, else free pages."""
     if mx.metal.is_available():
-        return int(mx.metal.device_info()["max_recommended_working_set_size"]) - mx.get_active_memory()
+        return int(mx.device_info()["max_recommended_working_set_size"]) - mx.get_active_memory()
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -69,6 +72,7 @@ class _Checkpoint:
     states: List[Tuple[mx.array, mx.array]]  # per DeltaNet layer: (conv, recurrent)
     hidden: Optional[mx.array]  # (1, 1, H) final hidden of the last token, for the MTP head
     used: int = 0
+    rank: int = 0  # eviction order among equally recent ones: INTERVAL, BOUNDARY, END
 
     @property
     def nbytes(self) -> int:
@@ -111,7 +115,8 @@ def _joined_kv(pieces: List[List[KV]], layer: int) -> KV:
 
 @dataclass
 class _Hit:
-    depth: int
+    depth: int  # tokens the caches hold
+    match: int  # tokens shared with the cache (at most all but the last)
     cache: List[Any]
     mtp_cache: Optional[List[Any]]
     hidden: Optional[mx.array]
@@ -133,20 +138,29 @@ class PromptCache:
 
     ``max_bytes`` None: ``default_max_bytes()``, a quarter of the free memory. Use it through
     ``stream_generate(..., prompt_cache=cache)``.
+
+    ``checkpoint_interval`` None: 256 tokens, or for a model whose checkpoint weighs more than
+    256 tokens of KV, the power of two at which checkpoints weigh at most the KV they cover (so
+    they at most double a cached sequence's bytes): 256 for the demo model (a checkpoint is
+    228 tokens of KV), 4096 for Qwen3.5-35B-A3B (61 MiB, 3144 tokens of KV). See
+    benchmarks/README.md for the measurements behind it.
     """
 
-    def __init__(self, model: Any, max_bytes: Optional[int] = None, checkpoint_interval: int = 256):
-        if checkpoint_interval < 1:
-            raise PromptCacheError(f"checkpoint_interval must be at least 1, not {checkpoint_interval}")
+    def __init__(self, model: Any, max_bytes: Optional[int] = None, checkpoint_interval: Optional[int] = None):
         self.model = model
         self.max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
-        self.checkpoint_interval = checkpoint_interval
         template = model.make_cache()
         self._attn = [i for i, c in enumerate(template) if isinstance(c, AttentionCache)]
         self._delta = [i for i, c in enumerate(template) if isinstance(c, DeltaNetCache)]
         self._mtp = bool(getattr(model, "has_mtp", False))
         emb = model.language_model.model.embed_tokens
         self._itemsize = getattr(emb, "scales", emb.weight).dtype.size  # the activations' dtype
+        if checkpoint_interval is None:
+            parity = -(-self.checkpoint_bytes // self.kv_bytes_per_token)
+            checkpoint_interval = max(MIN_CHECKPOINT_INTERVAL, 1 << (parity - 1).bit_length())
+        if checkpoint_interval < 1:
+            raise PromptCacheError(f"checkpoint_interval must be at least 1, not {checkpoint_interval}")
+        self.checkpoint_interval = checkpoint_interval
         one = self.checkpoint_bytes
         if self.max_bytes < one:
             raise PromptCacheError(f"max_bytes={self.max_bytes}: smaller than one checkpoint of this model ({one} bytes)")
@@ -211,8 +225,9 @@ class PromptCache:
 
     # ---- lookup ----
 
-    def _walk(self, tokens: Sequence[int], limit: int) -> Tuple[List[_Node], int]:
-        """Trie nodes along ``tokens`` and the common prefix length, capped at ``limit``."""
+    def _walk(self, tokens: Sequence[int], limit: int, split: bool = False) -> Tuple[List[_Node], int]:
+        """Trie nodes along ``tokens`` and the common prefix length, capped at ``limit``; with
+        ``split``, an edge the tokens leave midway is cut there, so a new branch can start."""
         node, depth, path = self._root, 0, []
         while depth < limit:
             child = node.children.get(tokens[depth])
@@ -221,6 +236,8 @@ class PromptCache:
             m = 0
             while m < len(child.tokens) and depth + m < limit and child.tokens[m] == tokens[depth + m]:
                 m += 1
+            if split and m < len(child.tokens) and depth + m < limit:
+                child = self._split(child, depth + m)
             path.append(child)
             depth += m
             if m < len(child.tokens):
@@ -263,7 +280,7 @@ class PromptCache:
             self._counts["hits"] += 1
             self._counts["tokens_reused"] += depth
         self._counts["tokens_computed"] += len(tokens) - depth
-        return _Hit(depth, cache, mtp_cache, hidden)
+        return _Hit(depth, match, cache, mtp_cache, hidden)
 
     def checkpoint_depths(self, start: int, end: int, boundaries: Sequence[int] = ()) -> List[int]:
         """Depths in (start, end] where a prefill from ``start`` to ``end`` keeps a checkpoint."""
@@ -304,18 +321,8 @@ class PromptCache:
         with ``checkpoints`` {depth: _Checkpoint}; then evict down to the budget."""
         tokens = list(tokens)
         n = len(tokens)
-        node, depth, path = self._root, 0, []
-        while depth < n:
-            child = node.children.get(tokens[depth])
-            if child is None:
-                break
-            m = 0
-            while m < len(child.tokens) and depth + m < n and child.tokens[m] == tokens[depth + m]:
-                m += 1
-            if m < len(child.tokens) and depth + m < n:
-                child = self._split(child, depth + m)
-            path.append(child)
-            depth, node = min(child.end, n), child
+        path, depth = self._walk(tokens, n, split=True)
+        node = path[-1] if path else self._root  # where a new branch hangs: the walk ended on an edge end
         mtp_ok = mtp_cache is not None and mtp_cache[0].offset >= n - 1
         for p in path:  # a path stored by a run without the MTP head gets its MTP KV now
             if p.mtp is None and mtp_ok and p.end <= n and p.end > p.mtp_start:
@@ -352,7 +359,8 @@ class PromptCache:
     def _evict(self) -> None:
         while self._bytes > self.max_bytes:
             node, d = min(
-                ((n, d) for n in self._nodes() for d in n.checkpoints), key=lambda nd: nd[0].checkpoints[nd[1]].used
+                ((n, d) for n in self._nodes() for d in n.checkpoints),
+                key=lambda nd: (nd[0].checkpoints[nd[1]].used, nd[0].checkpoints[nd[1]].rank),
             )
             self._bytes -= node.checkpoints.pop(d).nbytes
             self._counts["evictions"] += 1
@@ -371,8 +379,9 @@ class PromptCache:
 
     # ---- generation ----
 
-    def _checkpoint(self, cache: List[Any], hidden: Optional[mx.array]) -> _Checkpoint:
-        return _Checkpoint([tuple(cache[i].snapshot()) for i in self._delta], _copy(hidden) if hidden is not None else None)
+    def _checkpoint(self, cache: List[Any], hidden: Optional[mx.array], rank: int) -> _Checkpoint:
+        states = [tuple(cache[i].snapshot()) for i in self._delta]
+        return _Checkpoint(states, _copy(hidden) if hidden is not None else None, rank=rank)
 
     def generate_tokens(
         self,
@@ -390,13 +399,18 @@ class PromptCache:
         tokens = [int(t) for t in prompt.tolist()]
         hit = self.lookup(tokens, mtp=mtp)
         rest = prompt[hit.depth :]
+        # Where this prompt leaves the cached ones is where the next may leave it too (a changed
+        # line, another question after the same document): prefill passes it, so keep a checkpoint.
+        boundaries = [*boundaries, hit.match]
         depths = self.checkpoint_depths(hit.depth, len(tokens) - 1, boundaries)
         taken: Dict[int, _Checkpoint] = {}
         keep_hidden = self._mtp and mtp
 
         def on_checkpoint(end: int, hidden: mx.array) -> None:
-            if hit.depth + end in depths:
-                taken[hit.depth + end] = self._checkpoint(hit.cache, hidden if keep_hidden else None)
+            d = hit.depth + end
+            if d in depths:
+                rank = END if d == len(tokens) - 1 else BOUNDARY if d in boundaries else INTERVAL
+                taken[d] = self._checkpoint(hit.cache, hidden if keep_hidden else None, rank)
 
         hooks = dict(checkpoints=[d - hit.depth for d in depths], on_checkpoint=on_checkpoint)
         if mtp:
@@ -434,12 +448,12 @@ class PromptCache:
             if consistent and generated:
                 if state is None:  # the cache holds every yielded token
                     held = tokens + generated
-                    taken[len(held)] = self._checkpoint(hit.cache, None)
+                    taken[len(held)] = self._checkpoint(hit.cache, None, END)
                     self.insert(held, hit.cache, taken)
                 else:  # the last yielded token is not in the caches yet
                     held = tokens + generated[:-1]
                     hidden = state.settle(self.model, held)
-                    taken[len(held)] = self._checkpoint(hit.cache, hidden)
+                    taken[len(held)] = self._checkpoint(hit.cache, hidden, END)
                     self.insert(held, hit.cache, taken, state.mtp_cache)
 
     # ---- files ----
@@ -468,7 +482,7 @@ class PromptCache:
             nodes.append(
                 dict(
                     parent=index[id(node.parent)], start=node.start, mtp=node.mtp is not None,
-                    checkpoints=[[d, cp.hidden is not None, cp.used] for d, cp in node.checkpoints.items()],
+                    checkpoints=[[d, cp.hidden is not None, cp.used, cp.rank] for d, cp in node.checkpoints.items()],
                 )
             )
         metadata = dict(
@@ -525,12 +539,12 @@ class PromptCache:
                 m = start + n - max(start, 1)
                 mtp = [(get(f"{i}.mtp.{j}.k", template["kv"](m)), get(f"{i}.mtp.{j}.v", template["kv"](m))) for j in range(template["mtp_layers"])]
             node = _Node(tokens, start, parent, kv, mtp)
-            for d, has_hidden, used in spec["checkpoints"]:
+            for d, has_hidden, used, rank in spec["checkpoints"]:
                 if not start < int(d) <= start + n:
                     raise ValueError(f"node {i}: checkpoint depth {d} outside ({start}, {start + n}]")
                 states = [(get(f"{i}.cp.{d}.{j}.conv", template["conv"]), get(f"{i}.cp.{d}.{j}.rec", template["rec"])) for j in range(len(self._delta))]
                 hidden = get(f"{i}.cp.{d}.hidden", template["hidden"]) if has_hidden else None
-                node.checkpoints[int(d)] = _Checkpoint(states, hidden, int(used))
+                node.checkpoints[int(d)] = _Checkpoint(states, hidden, int(used), int(rank))
                 self._bytes += node.checkpoints[int(d)].nbytes
                 self._clock = max(self._clock, int(used))
             parent.children[tokens[0]] = node

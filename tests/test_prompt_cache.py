@@ -120,13 +120,17 @@ def test_divergence_mid_turn_and_shared_system_prompt(tiny):
     split = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
     reused = check_exact(model, tokenizer, pc, second)
     assert split - 16 < reused <= split
+    # That request kept a checkpoint where it left the cached one: the next one resumes there.
+    third = tokenizer.encode(SYSTEM + " the time is 10:43")
+    assert third[:split] == first[:split] and third[split] not in (first[split], second[split])
+    assert check_exact(model, tokenizer, pc, third) == split
     # Two conversations that share only the system prompt.
     for question in ("hello world", "the router layer"):
         ids, bounds = render(tokenizer, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
         reused = check_exact(model, tokenizer, pc, ids, bounds)
     assert reused >= bounds[0]
     stats = pc.stats()
-    assert stats["entries"] == 4 and stats["hits"] == 3 and stats["tokens_reused"] > 0
+    assert stats["entries"] == 5 and stats["hits"] == 4 and stats["tokens_reused"] > 0
 
 
 def test_eviction_under_a_tiny_budget(tiny):
