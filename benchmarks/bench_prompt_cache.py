@@ -17,15 +17,20 @@ user turns), and the same replies, forced token by token.
   stand-ins that report the bytes our model's caches hold for that many tokens (attention KV of
   exactly that length, which undercounts mlx-lm's 256-token buffer steps, plus DeltaNet states);
   the hybrid caches are not trimmable, as in mlx-lm. Its time to first token is estimated from
-  the tokens it computes at the CPU seconds per prompt token measured for ours in the same run.
+  the tokens it computes, on a least-squares line through ours (CPU seconds against tokens
+  computed) measured in the same runs.
 
-    nice python benchmarks/bench_prompt_cache.py                    # all seven, interval 256
+    nice python benchmarks/bench_prompt_cache.py                    # all seven, the default interval
     nice python benchmarks/bench_prompt_cache.py --only agent,edited --interval 64 --detail
+    # one process per transcript (each under 10 minutes here), then one table:
+    nice python benchmarks/bench_prompt_cache.py --only agent --save out/agent.json   # ... for each
+    python benchmarks/bench_prompt_cache.py --combine out/*.json --detail
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402  (imports mlx_qwenmoe before mlx: see common)
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 from mlx_lm.models.cache import LRUPromptCache, _BaseCache  # noqa: E402
 from mlx_lm.server import ResponseGenerator  # noqa: E402
 
@@ -219,23 +225,12 @@ def replay(name: str, requests: Sequence[Request], model: Any, tokenizer: Any, b
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default=None, help="comma-separated transcript names")
-    parser.add_argument("--interval", type=int, default=None, help="checkpoint_interval [default: the model's]")
-    parser.add_argument("--budget-mib", type=int, default=64, help="our cache's byte budget, MiB")
-    parser.add_argument("--detail", action="store_true", help="also print one row per request")
-    args = parser.parse_args()
-    print(C.machine_report())
-    model, tokenizer = load()
-    all_transcripts = transcripts()
-    names = args.only.split(",") if args.only else list(all_transcripts)
-    budget = args.budget_mib << 20
-    results = {n: replay(n, all_transcripts[n], model, tokenizer, budget, args.interval) for n in names}
-    per_token = sum(r["cpu"] for rows in results.values() for r in rows) / max(1, sum(r["computed"] for rows in results.values() for r in rows))
-    interval = PromptCache(model, budget, args.interval).checkpoint_interval
-    print(f"\ndemo model, checkpoint_interval {interval}, our budget {args.budget_mib} MiB; "
-          f"prompt CPU-s per computed token (ours, this run): {per_token * 1e3:.2f} ms\n")
+def report(results: Dict[str, List[Dict[str, Any]]], detail: bool) -> None:
+    """The per-transcript table. mlx-lm's time to first token is estimated with a least-squares
+    line (CPU seconds against tokens computed) through all of our requests."""
+    rows_all = [r for rows in results.values() for r in rows]
+    slope, intercept = np.polyfit([r["computed"] for r in rows_all], [r["cpu"] for r in rows_all], 1)
+    print(f"time to first token, ours, fitted: {intercept:.3f} CPU-s + {slope * 1e3:.2f} CPU-ms per computed token\n")
     summary = []
     for n, rows in results.items():
         later = rows[1:]
@@ -244,22 +239,52 @@ def main() -> None:
             n, len(rows), sum(r["prompt"] for r in rows), rows[0]["computed"], ours_later, theirs_later,
             f"{ours_later / max(theirs_later, 1):.2f}", sum(r["computed"] > r["mlx_computed"] for r in rows),
             f"{max(r['bytes'] for r in rows) / 2**20:.1f}", f"{max(r['mlx_bytes'] for r in rows) / 2**20:.1f}",
-            f"{sum(r['cpu'] for r in later) / max(len(later), 1):.2f}", f"{per_token * sum(r['mlx_computed'] for r in later) / max(len(later), 1):.2f}",
+            f"{sum(r['cpu'] for r in later) / len(later):.2f}",
+            f"{sum(intercept + slope * r['mlx_computed'] for r in later) / len(later):.2f}",
         ])
-    totals = [sum(row[i] for row in summary) for i in (4, 5)]
     print(C.table(
         ["transcript", "requests", "prompt tokens", "1st request computed", "later computed: ours", "mlx-lm", "ours/mlx-lm",
          "requests where ours > mlx-lm", "peak MiB: ours", "mlx-lm", "later TTFT CPU-s: ours", "mlx-lm (est.)"],
         summary,
     ))
-    print(f"\nlater requests, all transcripts: ours {totals[0]} tokens computed, mlx-lm {totals[1]}: ratio {totals[0] / max(totals[1], 1):.3f}")
-    if args.detail:
+    ours_total, theirs_total = (sum(row[i] for row in summary) for i in (4, 5))
+    print(f"\nlater requests, all transcripts: ours {ours_total} tokens computed, mlx-lm {theirs_total}: "
+          f"ratio {ours_total / max(theirs_total, 1):.3f}")
+    if detail:
         print()
         print(C.table(
             ["transcript", "#", "prompt", "computed: ours", "mlx-lm", "bytes: ours", "mlx-lm", "TTFT wall s", "TTFT CPU-s"],
             [[n, i, r["prompt"], r["computed"], r["mlx_computed"], r["bytes"], r["mlx_bytes"], f"{r['wall']:.2f}", f"{r['cpu']:.2f}"]
              for n, rows in results.items() for i, r in enumerate(rows)],
         ))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default=None, help="comma-separated transcript names")
+    parser.add_argument("--interval", type=int, default=None, help="checkpoint_interval [default: the model's]")
+    parser.add_argument("--budget-mib", type=int, default=64, help="our cache's byte budget, MiB")
+    parser.add_argument("--detail", action="store_true", help="also print one row per request")
+    parser.add_argument("--save", default=None, help="also write the per-request rows to this JSON file")
+    parser.add_argument("--combine", nargs="+", default=None, help="print the table of JSON files from --save runs")
+    args = parser.parse_args()
+    if args.combine:
+        results = {n: rows for path in args.combine for n, rows in json.loads(Path(path).read_text()).items()}
+        report(results, args.detail)
+        return
+    print(C.machine_report())
+    model, tokenizer = load()
+    all_transcripts = transcripts()
+    names = args.only.split(",") if args.only else list(all_transcripts)
+    budget = args.budget_mib << 20
+    interval = PromptCache(model, budget, args.interval).checkpoint_interval
+    print(f"demo model, checkpoint_interval {interval}, our budget {args.budget_mib} MiB", file=sys.stderr)
+    results = {n: replay(n, all_transcripts[n], model, tokenizer, budget, interval) for n in names}
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save).write_text(json.dumps(results))
+    print(f"\ndemo model, checkpoint_interval {interval}, our budget {args.budget_mib} MiB")
+    report(results, args.detail)
 
 
 if __name__ == "__main__":
