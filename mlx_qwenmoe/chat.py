@@ -81,7 +81,8 @@ def run_repl(session: ChatSession, read: Callable[[str], str], out: TextIO, err:
                 continue
             try:
                 (session.save if command == "/save" else session.load)(arg.strip())
-                print(f"({'saved to' if command == '/save' else 'loaded'} {arg.strip()}: {session.cache.nbytes} bytes)", file=err)
+                done = "saved to" if command == "/save" else "loaded"
+                print(f"({done} {arg.strip()}: {session.cache.nbytes} bytes)", file=err)
             except (PromptCacheError, OSError) as e:
                 print(f"{command}: {e}", file=err)
         else:

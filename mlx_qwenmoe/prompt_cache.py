@@ -373,10 +373,6 @@ class PromptCache:
             self._bytes -= node.kv_bytes
             node = node.parent
 
-    def clear(self) -> None:
-        self._root.children = {}
-        self._bytes = 0
-
     # ---- generation ----
 
     def _checkpoint(self, cache: List[Any], hidden: Optional[mx.array], rank: int) -> _Checkpoint:
@@ -504,7 +500,8 @@ class PromptCache:
         except (OSError, RuntimeError, ValueError) as e:
             raise PromptCacheError(f"{path}: not a readable safetensors file ({e})") from None
         if metadata.get("format") != FORMAT:
-            raise PromptCacheError(f"{path}: not a prompt cache file (format {metadata.get('format')!r}, expected {FORMAT!r})")
+            found = metadata.get("format")
+            raise PromptCacheError(f"{path}: not a prompt cache file (format {found!r}, expected {FORMAT!r})")
         if metadata.get("model") != model_fingerprint(model):
             raise PromptCacheError(f"{path}: saved for another model, config or quantization than the one loaded")
         try:
@@ -533,16 +530,19 @@ class PromptCache:
                     raise ValueError(f"tensor {name} has shape {tuple(a.shape)}, expected {shape}")
                 return a
 
-            kv = [(get(f"{i}.kv.{j}.k", template["kv"](n)), get(f"{i}.kv.{j}.v", template["kv"](n))) for j in range(len(self._attn))]
-            mtp = None
-            if spec["mtp"]:
-                m = start + n - max(start, 1)
-                mtp = [(get(f"{i}.mtp.{j}.k", template["kv"](m)), get(f"{i}.mtp.{j}.v", template["kv"](m))) for j in range(template["mtp_layers"])]
-            node = _Node(tokens, start, parent, kv, mtp)
+            def kv(prefix: str, layers: int, length: int) -> List[KV]:
+                shape = template["kv"](length)
+                return [(get(f"{prefix}.{j}.k", shape), get(f"{prefix}.{j}.v", shape)) for j in range(layers)]
+
+            mtp = kv(f"{i}.mtp", template["mtp_layers"], start + n - max(start, 1)) if spec["mtp"] else None
+            node = _Node(tokens, start, parent, kv(f"{i}.kv", len(self._attn), n), mtp)
             for d, has_hidden, used, rank in spec["checkpoints"]:
                 if not start < int(d) <= start + n:
                     raise ValueError(f"node {i}: checkpoint depth {d} outside ({start}, {start + n}]")
-                states = [(get(f"{i}.cp.{d}.{j}.conv", template["conv"]), get(f"{i}.cp.{d}.{j}.rec", template["rec"])) for j in range(len(self._delta))]
+                states = [
+                    (get(f"{i}.cp.{d}.{j}.conv", template["conv"]), get(f"{i}.cp.{d}.{j}.rec", template["rec"]))
+                    for j in range(len(self._delta))
+                ]
                 hidden = get(f"{i}.cp.{d}.hidden", template["hidden"]) if has_hidden else None
                 node.checkpoints[int(d)] = _Checkpoint(states, hidden, int(used), int(rank))
                 self._bytes += node.checkpoints[int(d)].nbytes
