@@ -232,3 +232,22 @@ def test_checkpoint_depths_and_boundaries(tiny):
     expected = ["<|im_start|>system\n", "s<|im_end|>\n", "<|im_start|>user\n", "u<|im_end|>\n", "<|im_start|>assistant\n"]
     cuts = [len("".join(expected[: i + 1])) for i in range(len(expected))]
     assert [len(tokenizer.decode(ids[:b])) for b in bounds] == cuts
+
+
+def test_cli_generate_and_chat_reuse_the_prompt_cache(tiny, tmp_path):
+    model_dir = str(tiny[0])
+    path = tmp_path / "pc.safetensors"
+    args = ["generate", "--model", model_dir, "--prompt", SYSTEM, "--max-tokens", "3", "--prompt-cache", str(path)]
+    runs = [CliRunner().invoke(main, args) for _ in range(2)]
+    assert all(r.exit_code == 0 for r in runs), runs[0].output
+    assert "Prompt cache: 0 prompt tokens reused" in runs[0].output
+    assert "Prompt cache: 0 prompt" not in runs[1].output and path.is_file()
+    turns = f"hello world\nthe answer\n/save {tmp_path / 'chat.safetensors'}\n/reset\nhello world\n/load {tmp_path / 'bad'}\n"
+    chat = CliRunner().invoke(main, ["chat", "--model", model_dir, "--system", SYSTEM, "--temp", "0", "--max-tokens", "3"], input=turns)
+    assert chat.exit_code == 0, chat.output
+    counts = [line for line in chat.output.splitlines() if line.endswith(" reused")]
+    assert len(counts) == 3 and counts[0].endswith(" 0 reused")
+    assert not counts[1].endswith(" 0 reused") and not counts[2].endswith(" 0 reused")  # after /reset: the system prompt
+    assert (tmp_path / "chat.safetensors").is_file() and f"/load: {tmp_path / 'bad'}: not a readable" in chat.output
+    bad = CliRunner().invoke(main, ["chat", "--model", model_dir, "--prompt-cache-bytes", "10"], input="")
+    assert bad.exit_code == 2 and "--prompt-cache-bytes 10: smaller than one checkpoint" in bad.output
