@@ -91,12 +91,14 @@ def generate_step(
     cache: Optional[List[Any]] = None,
     checkpoints: Iterable[int] = (),
     on_checkpoint: Optional[CheckpointHook] = None,
+    context: Optional[mx.array] = None,
 ) -> Iterator[Tuple[int, mx.array]]:
     """Yield up to ``max_tokens`` (token, log-probabilities over the vocabulary) pairs.
 
     ``cache`` (from ``model.make_cache()``) is updated in place; once a token has been
     yielded the cache holds the prompt and every token yielded so far, so a caller can
-    continue a conversation from it. ``checkpoints``/``on_checkpoint`` go to ``prefill``.
+    continue a conversation from it. ``checkpoints``/``on_checkpoint`` go to ``prefill``;
+    ``context``: the tokens ``cache`` already holds, which logits processors see before ``prompt``.
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError(f"prompt must be a non-empty 1-D array of token ids, got shape {tuple(prompt.shape)}")
@@ -104,7 +106,7 @@ def generate_step(
         raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
     sampler = sampler or greedy_sampler
     cache = model.make_cache() if cache is None else cache
-    history = prompt
+    history = prompt if context is None else mx.concatenate([context, prompt])
 
     def step(tokens: mx.array) -> Tuple[mx.array, mx.array]:
         logits = model(tokens[None], cache=cache)[:, -1, :]

@@ -408,7 +408,9 @@ class PromptCache:
                 rank = END if d == len(tokens) - 1 else BOUNDARY if d in boundaries else INTERVAL
                 taken[d] = self._checkpoint(hit.cache, hidden if keep_hidden else None, rank)
 
-        hooks = dict(checkpoints=[d - hit.depth for d in depths], on_checkpoint=on_checkpoint)
+        hooks = dict(
+            checkpoints=[d - hit.depth for d in depths], on_checkpoint=on_checkpoint, context=prompt[: hit.depth]
+        )
         if mtp:
             from .speculative import MtpState, mtp_generate_step
 

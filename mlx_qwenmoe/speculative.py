@@ -218,6 +218,7 @@ def mtp_generate_step(
     state: Optional[MtpState] = None,
     checkpoints: Sequence[int] = (),
     on_checkpoint: Optional[CheckpointHook] = None,
+    context: Optional[mx.array] = None,
 ) -> Iterator[Tuple[int, mx.array, bool]]:
     """Generate from ``prompt`` (1-D token ids) with MTP drafts; yields (token, logprobs, from_draft).
 
@@ -225,7 +226,8 @@ def mtp_generate_step(
     position that produced the token, as mlx-lm's generate_step yields it. ``max_tokens``
     < 0 generates without end. ``stats``, if given, is filled in as generation goes.
     ``state`` continues from caches that already hold a prefix of the sequence (``prompt`` is
-    then the rest) and is kept current; ``checkpoints``/``on_checkpoint`` as in ``prefill``.
+    then the rest) and is kept current; ``checkpoints``/``on_checkpoint``/``context`` as in
+    ``generate_step``.
     """
     if not getattr(model, "has_mtp", False):
         raise CheckpointError("the model has no MTP head (no mtp.* tensors in its checkpoint): run without --mtp")
@@ -244,7 +246,7 @@ def mtp_generate_step(
     cache, mtp_cache, base = state.cache, state.mtp_cache, state.depth
     embed = model.language_model.model.embed_tokens
     prompt = prompt.astype(mx.uint32)
-    history = prompt if processors else None
+    history = (prompt if context is None else mx.concatenate([context, prompt])) if processors else None
 
     def mtp(hidden: mx.array, next_tokens: mx.array) -> mx.array:
         return model.mtp(hidden, embed(next_tokens)[None], mtp_cache)

@@ -15,6 +15,7 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors
 
 from mlx_qwenmoe import generate_step, load, stream_generate
 from mlx_qwenmoe.api import chat_prompt_with_boundaries
@@ -120,6 +121,10 @@ def test_divergence_mid_turn_and_shared_system_prompt(tiny):
     split = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
     reused = check_exact(model, tokenizer, pc, second)
     assert split - 16 < reused <= split
+    # Logits processors see the whole prompt, cached part included.
+    penalty = dict(logits_processors=make_logits_processors(repetition_penalty=1.5))
+    hit = [r.token for r in stream_generate(model, tokenizer, first, max_tokens=TOKENS, prompt_cache=pc, **penalty)]
+    assert hit == greedy(model, tokenizer, first, **penalty)
     # That request kept a checkpoint where it left the cached one: the next one resumes there.
     third = tokenizer.encode(SYSTEM + " the time is 10:43")
     assert third[:split] == first[:split] and third[split] not in (first[split], second[split])
@@ -130,7 +135,7 @@ def test_divergence_mid_turn_and_shared_system_prompt(tiny):
         reused = check_exact(model, tokenizer, pc, ids, bounds)
     assert reused >= bounds[0]
     stats = pc.stats()
-    assert stats["entries"] == 5 and stats["hits"] == 4 and stats["tokens_reused"] > 0
+    assert stats["entries"] == 5 and stats["hits"] == 5 and stats["tokens_reused"] > 0
 
 
 def test_eviction_under_a_tiny_budget(tiny):
