@@ -148,7 +148,7 @@ class MtpState:
         every yielded token but the last), run the MTP slots still pending but the last, and
         return the hidden state of the last token (1, 1, H), whose slot waits for the next one."""
         n = len(tokens)
-        extra = self.cache[[isinstance(c, DeltaNetCache) for c in self.cache].index(False)].offset - n
+        extra = next(c for c in self.cache if not isinstance(c, DeltaNetCache)).offset - n  # unverified drafts
         for c in self.cache:
             c.trim(extra)
         for c in self.mtp_cache:
