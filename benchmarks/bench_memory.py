@@ -98,7 +98,7 @@ def measure(directory: Path, prefill: int, decode: int, chunk: int, budget_s: fl
     out["load_s"] = time.perf_counter() - start
     out["rss_after_load"] = C.rss_bytes()
     args = model.args
-    embed = model.language_model.model.embed_tokens
+    embed = model.embed
     tokens = mx.random.randint(0, args.vocab_size, (1, prefill + decode + 8), key=mx.random.key(0))
     cache = model.make_cache()
 

@@ -34,7 +34,8 @@ import mlx.core as mx  # noqa: E402
 from mlx_qwenmoe.cache import DeltaNetCache, restore_caches, snapshot_caches  # noqa: E402
 from mlx_qwenmoe.generate import generate_step  # noqa: E402
 from mlx_qwenmoe.loading import load_model  # noqa: E402
-from mlx_qwenmoe.speculative import SamplerSpec, SpecStats, mtp_generate_step  # noqa: E402
+from mlx_qwenmoe.sampling import SamplerSpec  # noqa: E402
+from mlx_qwenmoe.speculative import SpecStats, mtp_generate_step  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "mlx_qwenmoe" / "default_model"
 # The demo model is trained on Python's standard library: prompts in that domain.

@@ -146,7 +146,7 @@ def measure(directory: Path, budget: int, prompt: int, decode: int) -> Dict[str,
     out["resident_experts"] = stream.resident_bytes()
     out["dense"] = sum(v.nbytes for _, v in tree_flatten(model.parameters())) - stream.resident_bytes()
     out["rss_after_load"] = C.rss_bytes()
-    embed = model.language_model.model.embed_tokens
+    embed = model.embed
     cache = model.make_cache()
     toks = mx.random.randint(0, model.args.vocab_size, (1, prompt), key=mx.random.key(0))
     step = lambda t: model.logits(model.hidden(t, cache, embed(t).astype(ACTIVATIONS))[:, -1])  # noqa: E731

@@ -3,12 +3,15 @@ demo checkpoint; and rendering a conversation with the checkpoint's chat templat
 
 from __future__ import annotations
 
+import bisect
 import importlib.resources
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
+from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -83,6 +86,26 @@ def load(
     return model, tokenizer
 
 
+def _render(
+    tokenizer: TokenizerWrapper,
+    messages: Sequence[Dict[str, Any]],
+    add_generation_prompt: bool,
+    enable_thinking: Optional[bool],
+    tools: Optional[List[Dict[str, Any]]],
+    template_kwargs: Dict[str, Any],
+) -> str:
+    if not tokenizer.has_chat_template:
+        raise ValueError("this checkpoint's tokenizer has no chat template")
+    kwargs = dict(template_kwargs)
+    if enable_thinking is not None:
+        kwargs["enable_thinking"] = enable_thinking
+    if tools is not None:
+        kwargs["tools"] = tools
+    return tokenizer.apply_chat_template(
+        list(messages), add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
+    )
+
+
 def chat_prompt(
     tokenizer: TokenizerWrapper,
     messages: Sequence[Dict[str, str]],
@@ -92,8 +115,40 @@ def chat_prompt(
     """Token ids of ``messages`` rendered with the chat template, ending with the assistant's
     turn opened. ``enable_thinking`` (Qwen3.5's thinking switch) None: mlx-lm's default,
     on when the vocabulary has think tags."""
-    if not tokenizer.has_chat_template:
-        raise ValueError("this checkpoint's tokenizer has no chat template")
-    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **kwargs)
+    text = _render(tokenizer, messages, True, enable_thinking, None, {})
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_prompt_with_boundaries(
+    tokenizer: TokenizerWrapper,
+    messages: Sequence[Dict[str, Any]],
+    enable_thinking: Optional[bool] = None,
+    tools: Optional[List[Dict[str, Any]]] = None,
+    **template_kwargs: Any,
+) -> Tuple[List[int], List[int]]:
+    """``chat_prompt``'s ids (with ``tools`` and any other template variables), and the token
+    offsets where each message and each message's content begins, the assistant's new turn
+    included: a prompt cache keeps a checkpoint there, so a template that renders an earlier
+    turn differently next time (Qwen3.5 drops old thinking) still reuses everything before it.
+
+    An offset is where a render of the conversation cut there stops agreeing with the whole
+    render (its text is usually a prefix; when a template renders a conversation's end
+    differently it is not, and the agreeing part is used), rounded down to a token edge.
+    """
+    text = _render(tokenizer, messages, True, enable_thinking, tools, template_kwargs)
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    encoded = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    ends = [end for _, end in encoded["offset_mapping"]]
+    # Each message's start, and its content's start (the message rendered empty): a re-rendered
+    # turn keeps its header, and the assistant's new turn starts after its header too.
+    cuts = [list(messages[:k]) for k in range(1, len(messages) + 1)]
+    cuts += [list(messages[:k]) + [dict(m, content="")] for k, m in enumerate(messages)]
+    cuts.append(list(messages) + [{"role": "assistant", "content": ""}])
+    boundaries = set()
+    for cut in cuts:
+        try:
+            prefix = _render(tokenizer, cut, False, enable_thinking, tools, template_kwargs)
+        except TemplateError:  # a template may refuse a conversation cut there (e.g. ending with a tool call)
+            continue
+        boundaries.add(bisect.bisect_right(ends, len(os.path.commonprefix([prefix, text]))))
+    return list(encoded["input_ids"]), sorted(boundaries - {0, len(ends)})

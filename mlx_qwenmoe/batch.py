@@ -23,7 +23,8 @@ import mlx.nn as nn
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .generate import LogitsProcessor, Sampler, TokenText, _prompt_ids
+from .generate import TokenText, _prompt_ids
+from .sampling import LogitsProcessor, Sampler
 
 __all__ = ["BatchEngine", "BatchEvent", "batch_generate"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import mlx_lm.models.cache as _mlx_lm_cache
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
 
@@ -51,6 +52,10 @@ class DeltaNetCache(ArraysCache):
     drop that block's last tokens exactly (speculative decoding rejects drafts this way). Keep
     it off for prefill: it holds one recurrent state per token of the block.
     """
+
+    # Class defaults, so that mlx-lm's from_state (which skips __init__) gives a working cache.
+    record_steps = False
+    _block: Optional[Tuple[mx.array, List[Optional[mx.array]]]] = None
 
     def __init__(self, size: int = 2, left_padding: Optional[List[int]] = None) -> None:
         # mlx-lm's ArraysCache.merge builds the batched cache as cls(size)
@@ -109,3 +114,10 @@ def snapshot_caches(caches: Sequence[Any]) -> List[Any]:
 def restore_caches(caches: Sequence[Any], snapshots: Sequence[Any]) -> None:
     for c, s in zip(caches, snapshots):
         c.restore(s)
+
+
+# mlx-lm's load_prompt_cache looks cache classes up by name in its own module's globals and has
+# no registry to extend; naming ours there, once, is what lets mlx_lm.models.cache's
+# save_prompt_cache/load_prompt_cache round-trip our caches (loading otherwise raises KeyError).
+_mlx_lm_cache.AttentionCache = AttentionCache
+_mlx_lm_cache.DeltaNetCache = DeltaNetCache

@@ -47,6 +47,8 @@ def main() -> None:
               help="Keep at most SIZE (e.g. 6GiB) of routed experts in memory; read the rest from disk as routed.")
 @click.option("--prefetch-experts", is_flag=True, help="With --max-resident: read the next layer's predicted experts ahead.")
 @click.option("--verbose", is_flag=True, help="Also print expert-streaming stats (hit rate, bytes read per token, prefetch accuracy).")
+@click.option("--prompt-cache", "prompt_cache_file", type=click.Path(dir_okay=False), default=None, help="Prompt cache file: reused if it exists, updated after the run.")
+@click.option("--prompt-cache-bytes", type=click.IntRange(min=1), default=None, help="Prompt cache budget in bytes. [default: a quarter of the free memory]")
 def generate_command(
     model_path: Optional[str],
     prompt: Optional[str],
@@ -67,12 +69,14 @@ def generate_command(
     max_resident: Optional[str],
     prefetch_experts: bool,
     verbose: bool,
+    prompt_cache_file: Optional[str],
+    prompt_cache_bytes: Optional[int],
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; the stats line goes to stderr."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    from .api import chat_prompt
+    from .api import chat_prompt_with_boundaries
     from .generate import format_stats, stream_generate
 
     if prompt is None or prompt == "-":
@@ -84,6 +88,7 @@ def generate_command(
     model, tokenizer = load_streamed(model_path, max_resident, prefetch_experts)
     if mtp and not model.has_mtp:
         raise click.UsageError("--mtp: the checkpoint has no MTP head (no mtp.* tensors)")
+    prompt_cache, boundaries = _open_prompt_cache(prompt_cache_file, prompt_cache_bytes, model), []
     if chat is None:
         chat = tokenizer.has_chat_template
     if chat:
@@ -92,7 +97,7 @@ def generate_command(
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": prompt}
         ]
-        prompt = chat_prompt(tokenizer, messages, enable_thinking=think)
+        prompt, boundaries = chat_prompt_with_boundaries(tokenizer, messages, enable_thinking=think)
     elif system is not None or think is not None:
         raise click.UsageError("--system and --think/--no-think need --chat")
     mtp_stats = None
@@ -121,6 +126,8 @@ def generate_command(
         mtp=mtp,
         draft_tokens=draft_tokens,
         mtp_stats=mtp_stats,
+        prompt_cache=prompt_cache,
+        boundaries=boundaries,
     ):
         click.echo(response.text, nl=False)
     click.echo()
@@ -130,6 +137,9 @@ def generate_command(
         click.echo(str(mtp_stats), err=True)
     if verbose and max_resident is not None:
         click.echo(model.expert_stream.stats.summary(), err=True)
+    if prompt_cache is not None:
+        prompt_cache.save(prompt_cache_file)
+        click.echo(f"Prompt cache: {response.cached_tokens} prompt tokens reused; {prompt_cache_file} holds {prompt_cache.nbytes} bytes", err=True)
 
 
 def load_streamed(model_path: Optional[str], max_resident: Optional[str], prefetch_experts: bool = False):
@@ -175,6 +185,83 @@ def serve_command(model_path: Optional[str], host: str, port: int, mtp: bool, dr
     app = create_app(Backend(model, tokenizer, mtp=mtp, draft_tokens=draft_tokens), config)
     click.echo(f"serving '{config.model_id}' on http://{host}:{port}/v1", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+# ---- prompt cache: --prompt-cache for generate, and the chat command ----
+
+
+def _open_prompt_cache(path: Optional[str], max_bytes: Optional[int], model, always: bool = False):
+    """The cache in ``path`` if that file exists, else a new one; None without a path unless ``always``."""
+    import os
+
+    from .errors import PromptCacheError
+    from .prompt_cache import PromptCache
+
+    try:
+        fresh = PromptCache(model, max_bytes)
+    except PromptCacheError as e:
+        raise click.UsageError(f"--prompt-cache-bytes {max_bytes}: {str(e).split(': ', 1)[-1]}") from None
+    if path is None or not os.path.exists(path):
+        return fresh if path is not None or always else None
+    try:
+        return PromptCache.load(path, model, max_bytes)
+    except PromptCacheError as e:
+        raise click.UsageError(f"--prompt-cache: {e}") from None
+
+
+@main.command("chat")
+@click.option("--model", "model_path", default=None, help="Model directory or Hugging Face repo id. [default: the bundled demo model]")
+@click.option("--system", default=None, help="System message.")
+@click.option("--think/--no-think", default=None, help="Qwen3.5 thinking switch (enable_thinking) of the chat template.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens per reply at most.")
+@click.option("--temp", type=click.FloatRange(min=0.0), default=0.7, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True, help="Nucleus sampling; 1 keeps every token.")
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--mtp/--no-mtp", default=False, show_default=True, help="Speculative decoding with the checkpoint's MTP head.")
+@click.option("--prompt-cache", "prompt_cache_file", type=click.Path(dir_okay=False), default=None, help="Start from this prompt cache file if it exists.")
+@click.option("--prompt-cache-bytes", type=click.IntRange(min=1), default=None, help="Prompt cache budget in bytes. [default: a quarter of the free memory]")
+def chat_command(
+    model_path: Optional[str],
+    system: Optional[str],
+    think: Optional[bool],
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    seed: Optional[int],
+    mtp: bool,
+    prompt_cache_file: Optional[str],
+    prompt_cache_bytes: Optional[int],
+) -> None:
+    """Chat in the terminal, streaming replies; an empty line or end of input quits.
+
+    Each turn reuses every prompt token an earlier turn computed (the line "N prompt tokens,
+    M reused" on stderr). Commands: /reset (new conversation), /save FILE and /load FILE
+    (the prompt cache)."""
+    import mlx.core as mx
+
+    from .api import load
+    from .chat import ChatSession, run_repl
+    from .sampling import SamplerSpec
+
+    model, tokenizer = load(model_path)
+    if not tokenizer.has_chat_template:
+        raise click.UsageError("--model: the checkpoint's tokenizer has no chat template")
+    if seed is not None:
+        mx.random.seed(seed)
+    session = ChatSession(
+        model, tokenizer, system=system, enable_thinking=think,
+        prompt_cache=_open_prompt_cache(prompt_cache_file, prompt_cache_bytes, model, always=True),
+        max_tokens=max_tokens, sampler=SamplerSpec(temp, top_p=top_p), mtp=mtp,
+    )
+    run_repl(session, input if sys.stdin.isatty() else _read_line, sys.stdout, sys.stderr)
+
+
+def _read_line(_prompt: str) -> str:
+    """``input`` for piped input: without echoing the prompt into the output."""
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
 
 
 from mlx_qwenmoe.convert.cli import convert_command  # noqa: E402  the converter lives in its own package

@@ -23,3 +23,5 @@ class OutputError(QwenMoeError, OSError):
 
 class KernelCheckError(QwenMoeError, RuntimeError):
     """A Metal kernel computed something other than its pure-MLX twin on a check input."""
+class PromptCacheError(QwenMoeError, ValueError):
+    """A prompt cache file is unreadable or belongs to another model, or a cache budget is too small."""

@@ -8,11 +8,13 @@ the token history), so code written against mlx-lm's API runs against ours.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import GenerationResponse, wired_limit
+from mlx_lm.generate import GenerationResponse as _MlxLmResponse
+from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -22,6 +24,7 @@ __all__ = [
     "GenerationResponse",
     "StopStrings",
     "TokenText",
+    "chunk_spans",
     "format_stats",
     "generate",
     "generate_step",
@@ -30,27 +33,50 @@ __all__ = [
 ]
 
 
+@dataclass
+class GenerationResponse(_MlxLmResponse):
+    """mlx-lm's response, plus how many prompt tokens a prompt cache supplied."""
+
+    cached_tokens: int = 0
+
+
+CheckpointHook = Callable[[int, mx.array], None]
+
+
+def chunk_spans(n: int, step: int, breaks: Iterable[int] = ()) -> List[Tuple[int, int]]:
+    """[start, end) spans of at most ``step`` tokens covering ``n`` tokens, cut at every
+    position of ``breaks`` inside (0, n) so a caller can snapshot the state there."""
+    if step < 1:
+        raise ValueError(f"prefill_step_size must be at least 1, not {step}")
+    cuts = sorted({b for b in breaks if 0 < b < n} | {n})
+    spans, start = [], 0
+    for cut in cuts if n else ():
+        while start < cut:
+            spans.append((start, min(start + step, cut)))
+            start = spans[-1][1]
+    return spans
+
+
 def prefill(
     model: nn.Module,
     tokens: mx.array,
     cache: List[Any],
     prefill_step_size: int = 2048,
-    on_chunk: Optional[Callable[[mx.array, int, int], List[Any]]] = None,
+    checkpoints: Iterable[int] = (),
+    on_checkpoint: Optional[CheckpointHook] = None,
 ) -> None:
     """Run ``tokens`` (1-D) into ``cache``, ``prefill_step_size`` tokens at a time.
 
     Only the hidden states are asked for, and evaluating the cache state after each chunk
     lets MLX free that chunk's activations, so peak memory is the caches plus one chunk
-    whatever the prompt length. ``on_chunk(hidden, start, end)``, if given, runs on each
-    chunk's hidden states and returns more state to evaluate with it (the MTP head's cache).
+    whatever the prompt length. Chunks also end at each of ``checkpoints`` (positions in
+    ``tokens``); ``on_checkpoint(end, last_hidden)`` is called at every chunk end.
     """
-    if prefill_step_size < 1:
-        raise ValueError(f"prefill_step_size must be at least 1, not {prefill_step_size}")
-    for start in range(0, tokens.size, prefill_step_size):
-        end = min(start + prefill_step_size, tokens.size)
+    for start, end in chunk_spans(tokens.size, prefill_step_size, checkpoints):
         hidden = model.hidden(tokens[None, start:end], cache)
-        extra = on_chunk(hidden, start, end) if on_chunk is not None else []
-        mx.eval([c.state for c in cache], extra)
+        mx.eval([c.state for c in cache])
+        if on_checkpoint is not None:
+            on_checkpoint(end, hidden[:, -1:])
         mx.clear_cache()
 
 
@@ -63,12 +89,16 @@ def generate_step(
     logits_processors: Optional[List[LogitsProcessor]] = None,
     prefill_step_size: int = 2048,
     cache: Optional[List[Any]] = None,
+    checkpoints: Iterable[int] = (),
+    on_checkpoint: Optional[CheckpointHook] = None,
+    context: Optional[mx.array] = None,
 ) -> Iterator[Tuple[int, mx.array]]:
     """Yield up to ``max_tokens`` (token, log-probabilities over the vocabulary) pairs.
 
     ``cache`` (from ``model.make_cache()``) is updated in place; once a token has been
     yielded the cache holds the prompt and every token yielded so far, so a caller can
-    continue a conversation from it.
+    continue a conversation from it. ``checkpoints``/``on_checkpoint`` go to ``prefill``;
+    ``context``: the tokens ``cache`` already holds, which logits processors see before ``prompt``.
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError(f"prompt must be a non-empty 1-D array of token ids, got shape {tuple(prompt.shape)}")
@@ -76,13 +106,13 @@ def generate_step(
         raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
     sampler = sampler or greedy_sampler
     cache = model.make_cache() if cache is None else cache
-    history = prompt
+    history = prompt if context is None else mx.concatenate([context, prompt])
 
     def step(tokens: mx.array) -> Tuple[mx.array, mx.array]:
         logprobs = log_probs(model(tokens[None], cache=cache)[:, -1, :], history, logits_processors or ())
         return sampler(logprobs), logprobs.squeeze(0)
 
-    prefill(model, prompt[:-1], cache, prefill_step_size)
+    prefill(model, prompt[:-1], cache, prefill_step_size, checkpoints, on_checkpoint)
     y, logprobs = step(prompt[-1:])
     mx.async_eval(y, logprobs)
     for n in range(max_tokens):
@@ -183,6 +213,8 @@ def stream_generate(
     mtp: bool = False,
     draft_tokens: int = 2,
     mtp_stats: Optional[Any] = None,
+    prompt_cache: Optional[Any] = None,
+    boundaries: Sequence[int] = (),
 ) -> Iterator[GenerationResponse]:
     """Yield one ``GenerationResponse`` per generated token, the last with ``finish_reason``
     "stop" (an EOS token of the checkpoint or a ``stop`` string) or "length".
@@ -190,6 +222,12 @@ def stream_generate(
     ``text`` never contains the EOS token or a stop string. ``mtp`` drafts ``draft_tokens``
     tokens ahead with the checkpoint's multi-token-prediction head and verifies them;
     ``mtp_stats`` (a ``speculative.SpecStats``) then collects acceptance counts.
+
+    ``prompt_cache`` (a ``prompt_cache.PromptCache``) supplies the longest cached prefix of
+    the prompt and takes the prompt and the generated tokens back; ``boundaries`` are the
+    token offsets where chat messages begin (``api.chat_prompt_with_boundaries``), where it
+    also keeps a checkpoint. Each response's ``cached_tokens`` says how many prompt tokens
+    it supplied.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
@@ -202,7 +240,14 @@ def stream_generate(
         logits_processors=logits_processors,
         prefill_step_size=prefill_step_size,
     )
-    if mtp:
+    cached = 0
+    if prompt_cache is not None:
+        if cache is not None:
+            raise ValueError("give cache or prompt_cache, not both")
+        cached, tokens = prompt_cache.generate_tokens(
+            prompt, boundaries, mtp=mtp, draft_tokens=draft_tokens, mtp_stats=mtp_stats, **options
+        )
+    elif mtp:
         if cache is not None:
             raise ValueError("mtp=True does not continue from a given cache")
         from .speculative import mtp_generate_step
@@ -210,7 +255,23 @@ def stream_generate(
         tokens = mtp_generate_step(prompt, model, draft_tokens=draft_tokens, stats=mtp_stats, **options)
     else:
         tokens = ((t, lp, False) for t, lp in generate_step(prompt, model, cache=cache, **options))
+    try:
+        yield from _responses(tokenizer, tokens, prompt.size, cached, max_tokens, stop, model)
+    finally:
+        # Ends the token stream now, so a prompt cache takes the tokens back before we return.
+        tokens.close()
 
+
+def _responses(
+    tokenizer: TokenizerWrapper,
+    tokens: Iterator[Tuple[int, mx.array, bool]],
+    prompt_size: int,
+    cached: int,
+    max_tokens: int,
+    stop: Sequence[str],
+    model: nn.Module,
+) -> Iterator[GenerationResponse]:
+    """Detokenize (token, logprobs, from_draft) triples into responses, stopping at EOS or a stop string."""
     text_stream = TokenText(tokenizer, max_tokens, stop)
     tic = time.perf_counter()
     prompt_tps = 0.0
@@ -218,7 +279,7 @@ def stream_generate(
     with wired_limit(model):
         for n, (token, logprobs, from_draft) in enumerate(tokens):
             if n == 0:
-                prompt_tps = prompt.size / (time.perf_counter() - tic)
+                prompt_tps = (prompt_size - cached) / (time.perf_counter() - tic)
                 tic = time.perf_counter()
             text, finish_reason = text_stream.add(token)
             yield GenerationResponse(
@@ -226,12 +287,13 @@ def stream_generate(
                 token=token,
                 logprobs=logprobs,
                 from_draft=from_draft,
-                prompt_tokens=prompt.size,
+                prompt_tokens=prompt_size,
                 prompt_tps=prompt_tps,
                 generation_tokens=n + 1,
                 generation_tps=(n + 1) / (time.perf_counter() - tic),
                 peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish_reason,
+                cached_tokens=cached,
             )
             if finish_reason:
                 return

@@ -30,16 +30,16 @@ recomputation (benchmarks/README.md has the measurements behind this choice).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
 from .cache import DeltaNetCache
 from .errors import CheckpointError
-from .generate import prefill
+from .generate import CheckpointHook, chunk_spans
 from .sampling import LogitsProcessor, Sampler, SamplerSpec, log_probs
 
-__all__ = ["SpecStats", "mtp_generate_step"]
+__all__ = ["MtpState", "SpecStats", "mtp_generate_step"]
 
 
 @dataclass
@@ -85,6 +85,38 @@ class SpecStats:
         )
 
 
+@dataclass
+class MtpState:
+    """The caches an MTP generation runs on. ``mtp_cache`` holds the MTP slots before position
+    ``start``; ``hidden`` (1, n, H) holds the main model's hidden states from ``start`` on, whose
+    slots wait for the next token. A prompt cache hands one in and reads it back afterwards."""
+
+    cache: List[Any]
+    mtp_cache: List[Any]
+    start: int = 0
+    hidden: Optional[mx.array] = None
+
+    @property
+    def depth(self) -> int:
+        """Tokens the main cache holds when the generation starts."""
+        return self.start + (0 if self.hidden is None else self.hidden.shape[1])
+
+    def settle(self, model: Any, tokens: Sequence[int]) -> mx.array:
+        """Cut the caches back to ``tokens`` (what the main cache should hold: the prompt and
+        every yielded token but the last), run the MTP slots still pending but the last, and
+        return the hidden state of the last token (1, 1, H), whose slot waits for the next one."""
+        n = len(tokens)
+        extra = next(c for c in self.cache if not isinstance(c, DeltaNetCache)).offset - n  # unverified drafts
+        for c in self.cache:
+            c.trim(extra)
+        for c in self.mtp_cache:
+            c.trim(c.offset - self.start)
+        k = n - 1 - self.start
+        if k > 0:
+            model.mtp(self.hidden[:, :k], model.embed(mx.array(tokens[self.start + 1 : n], mx.uint32))[None], self.mtp_cache)
+        return self.hidden[:, k : k + 1]
+
+
 def _extend(history: Optional[mx.array], tokens: List[mx.array]) -> Optional[mx.array]:
     """The token history a logits processor sees after ``tokens`` (None when no processors run)."""
     if history is None or not tokens:
@@ -124,47 +156,61 @@ def _first_rejection(accept: List[bool]) -> int:
 
 
 class _Speculation:
-    """The state of one speculative generation and its four steps: draft, verify, accept, roll back.
+    """One speculative generation in its named steps: prefill, draft, verify, accept, roll back.
 
-    Between rounds: ``y`` is the last token handed out, and the MTP slots still to run pair
-    ``pending_hidden`` (main-model hidden states) with ``pending_tokens`` (the tokens after them).
+    Between rounds ``y`` is the last token handed out; the MTP slots still to run pair
+    ``pending_hidden`` (main-model hidden states) with ``pending_tokens`` (the tokens after
+    them); ``pos`` counts the tokens in the main cache; ``state`` is kept current for a
+    prompt cache to read back.
     """
 
-    def __init__(self, model: Any, sampler: Optional[Sampler], processors: List[LogitsProcessor]):
-        self.model, self.processors = model, processors
+    def __init__(self, model: Any, sampler: Optional[Sampler], processors: List[LogitsProcessor], state: MtpState):
+        self.model, self.processors, self.state = model, processors, state
         greedy = sampler is None or (isinstance(sampler, SamplerSpec) and sampler.greedy)
         self.spec = sampler if isinstance(sampler, SamplerSpec) and not greedy else None
         self.draw = (lambda lp: mx.argmax(lp, axis=-1)) if greedy else sampler
-        self.cache, self.mtp_cache = model.make_cache(), model.make_mtp_cache()
         self.history: Optional[mx.array] = None
 
     def mtp(self, hidden: mx.array, next_tokens: mx.array) -> mx.array:
-        return self.model.mtp(hidden, self.model.embed(next_tokens)[None], self.mtp_cache)
+        return self.model.mtp(hidden, self.model.embed(next_tokens)[None], self.state.mtp_cache)
 
-    def prefill(self, prompt: mx.array, prefill_step_size: int) -> mx.array:
-        """Run the prompt (MTP slots too) and return the log-probabilities of the first token.
-        Each prompt chunk's MTP slots pair its hidden states with the tokens after them; the
-        last prompt token's slot waits for the first sampled token."""
-
-        def mtp_slots(hidden: mx.array, start: int, end: int) -> List[Any]:
-            self.mtp(hidden, prompt[start + 1 : end + 1])
-            return [c.state for c in self.mtp_cache]
-
-        prefill(self.model, prompt[:-1], self.cache, prefill_step_size, on_chunk=mtp_slots)
-        self.history = prompt if self.processors else None
-        self.pending_hidden = self.model.hidden(prompt[None, -1:], self.cache)
-        logprobs = log_probs(self.model.logits(self.pending_hidden[:, -1]), self.history, self.processors)
+    def prefill(self, prompt: mx.array, step: int, checkpoints: Sequence[int],
+                on_checkpoint: Optional[CheckpointHook], context: Optional[mx.array]) -> mx.array:
+        """Run the prompt into the caches; returns the first token's log-probabilities. MTP slots
+        pair each hidden with the next prompt token, so every chunk but the last runs its slots
+        at once (with any slot the given state left pending); the last chunk's wait for the
+        first sampled token."""
+        state, cache, n = self.state, self.state.cache, prompt.size
+        base = state.depth
+        pending = [] if state.hidden is None else [state.hidden]
+        for start, end in chunk_spans(n, step, checkpoints):
+            hidden = self.model.hidden(prompt[None, start:end], cache)
+            lag = sum(p.shape[1] for p in pending)
+            pending.append(hidden)
+            if end < n:
+                self.mtp(mx.concatenate(pending, axis=1), prompt[start + 1 - lag : end + 1])
+                pending = []
+                mx.eval([c.state for c in cache + state.mtp_cache])
+                if on_checkpoint is not None:
+                    on_checkpoint(end, hidden[:, -1:])
+                mx.clear_cache()
+        self.history = (prompt if context is None else mx.concatenate([context, prompt])) if self.processors else None
+        logprobs = log_probs(self.model.logits(hidden[:, -1]), self.history, self.processors)
         self.y = self.draw(logprobs).astype(mx.uint32).reshape(1)
-        self.pending_tokens = self.y
+        mx.eval(self.y, logprobs)
+        self.pending_hidden = mx.concatenate(pending, axis=1)
+        state.start, state.hidden = base + start - lag, self.pending_hidden
+        self.pending_tokens = mx.concatenate([prompt[start + 1 - lag :], self.y])
+        self.pos = base + n
         self.history = _extend(self.history, [self.y])
-        for c in self.cache:
+        for c in cache:
             if isinstance(c, DeltaNetCache):
                 c.record_steps = True
         return logprobs
 
     def draft(self, n: int) -> Tuple[List[mx.array], List[mx.array]]:
-        """``n`` draft tokens (and, for the rejection rule, the distributions they were drawn from).
-        The first MTP call also catches up on the slots accepted last round."""
+        """``n`` draft tokens (and, for the rejection rule, the distributions they were drawn
+        from). The first MTP call also catches up on the slots accepted last round."""
         drafts: List[mx.array] = []
         probs: List[mx.array] = []
         if n:
@@ -182,7 +228,11 @@ class _Speculation:
 
     def verify(self, drafts: List[mx.array]) -> Tuple[mx.array, mx.array]:
         """One main-model forward over [y, drafts]: its hidden states and (k+1, V) log-probabilities."""
-        hidden = self.model.hidden(mx.concatenate([self.y, *drafts])[None], self.cache)
+        hidden = self.model.hidden(mx.concatenate([self.y, *drafts])[None], self.state.cache)
+        if drafts:  # the first MTP call of ``draft`` ran the pending slots
+            self.state.start, self.state.hidden = self.pos, hidden
+        else:
+            self.state.hidden = mx.concatenate([self.state.hidden, hidden], axis=1)
         logits = self.model.logits(hidden[0])
         rows = [
             log_probs(logits[i : i + 1], _extend(self.history, drafts[:i]), self.processors)
@@ -201,15 +251,17 @@ class _Speculation:
         return a, replacement[a : a + 1].astype(mx.uint32)
 
     def roll_back(self, n_draft: int, hidden: mx.array, accepted: mx.array, nxt: mx.array) -> None:
-        """Cut the caches back to what plain decoding would hold, and queue the accepted MTP slots."""
+        """Cut the caches back to what plain decoding would hold and queue the accepted MTP slots."""
         a = accepted.size
-        for c in self.cache:
+        for c in self.state.cache:
             c.trim(n_draft - a)
-        for c in self.mtp_cache:
+        for c in self.state.mtp_cache:
             c.trim(max(n_draft - 1, 0))
         self.history = _extend(self.history, [accepted, nxt])
         self.pending_hidden = hidden[:, : a + 1]
         self.pending_tokens = mx.concatenate([accepted, nxt])
+        self.state.hidden = self.state.hidden[:, : self.pos - self.state.start + a + 1]  # what the cache kept
+        self.pos += a + 1
         self.y = nxt
 
 
@@ -223,12 +275,19 @@ def mtp_generate_step(
     prefill_step_size: int = 2048,
     draft_tokens: int = 2,
     stats: Optional[SpecStats] = None,
+    state: Optional[MtpState] = None,
+    checkpoints: Sequence[int] = (),
+    on_checkpoint: Optional[CheckpointHook] = None,
+    context: Optional[mx.array] = None,
 ) -> Iterator[Tuple[int, mx.array, bool]]:
     """Generate from ``prompt`` (1-D token ids) with MTP drafts; yields (token, logprobs, from_draft).
 
     logprobs is the main model's (V,) log-distribution after ``logits_processors`` at the
     position that produced the token, as mlx-lm's generate_step yields it. ``max_tokens``
     < 0 generates without end. ``stats``, if given, is filled in as generation goes.
+    ``state`` continues from caches that already hold a prefix of the sequence (``prompt`` is
+    then the rest) and is kept current; ``checkpoints``/``on_checkpoint``/``context`` as in
+    ``generate_step``.
     """
     if not getattr(model, "has_mtp", False):
         raise CheckpointError("the model has no MTP head (no mtp.* tensors in its checkpoint)")
@@ -238,9 +297,9 @@ def mtp_generate_step(
         raise ValueError("the prompt is empty")
     stats = stats if stats is not None else SpecStats()
     stats.draft_tokens = draft_tokens
-    run = _Speculation(model, sampler, list(logits_processors or []))
-    logprobs = run.prefill(prompt.astype(mx.uint32), prefill_step_size)
-    mx.eval(run.y, logprobs)
+    state = state if state is not None else MtpState(model.make_cache(), model.make_mtp_cache())
+    run = _Speculation(model, sampler, list(logits_processors or []), state)
+    logprobs = run.prefill(prompt.astype(mx.uint32), prefill_step_size, checkpoints, on_checkpoint, context)
     yield run.y.item(), logprobs[0], False
     generated = 1
     while max_tokens < 0 or generated < max_tokens:

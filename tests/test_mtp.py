@@ -231,7 +231,7 @@ def test_mtp_cache_holds_only_true_slots(agreeing_model, k):
         tokens.append(token)
     full = mx.concatenate([PROMPT, mx.array(tokens, mx.uint32)])
     hidden = agreeing_model.hidden(full[None])
-    embed = agreeing_model.language_model.model.embed_tokens
+    embed = agreeing_model.embed
     reference = np.array(agreeing_model.mtp(hidden[:, :-1], embed(full[None, 1:])))[0]
     checked = [(spy.outputs[i], reference[pos - 1]) for i, pos in firsts if i < len(spy.outputs)]
     assert len(checked) > 5
