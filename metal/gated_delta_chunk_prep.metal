@@ -1,5 +1,5 @@
 // Gated delta rule, chunked prefill, pass 1 of 2: everything inside one chunk
-// of 64 tokens that does not depend on the state entering it, for all chunks
+// of C tokens that does not depend on the state entering it, for all chunks
 // in parallel (one threadgroup of 4 SIMD-groups per chunk and value head).
 // With gamma_i the sum of g over [0, i] and D_ij = e^(sum of g over (j, i]):
 //   A = strict_tril(beta_i k_i.k_j D_ij),  Tm = (I + A)^-1
@@ -11,10 +11,13 @@
 // Every decay is a sum over its own span (see gd_span_decay), so the result is
 // exact to float32 rounding at any mix of strong and weak decay.
 // Layout, barriers, registers and traffic: metal/README.md. Needs `gated_delta_tiles` as header.
-constexpr int C = 64;
+// C, the chunk length, is a template constant (mlx_qwenmoe/ops/gated_delta/chunked.py: CHUNK).
 constexpr int NB = C / 8;  // 8-token blocks in a chunk
-constexpr int XP = C + 4;  // padded row: a stride of 64 words would put a tile's 8 rows in one bank
+constexpr int XP = C + 4;  // padded row: a stride of C = 64 words would put a tile's 8 rows in one bank
 constexpr int NSG = 4;
+// The prefix scans give each of 32 lanes two tokens, and the inverse gives each
+// SIMD-group two block columns.
+static_assert(C == 2 * 32 && NB == 2 * NSG, "gated_delta_chunk_prep is written for chunks of 64 tokens");
 constexpr int NK = Dk / 8;
 constexpr int NV = Dv / 8;
 threadgroup float X[C][XP];  // A and (I + A)^-1 (see gd_load_tinv), then P

@@ -5,7 +5,7 @@
 // the decays kdec, cdec from gated_delta_chunk_prep:
 //   V' = u - w S;  O = qp S + r;  S <- cdec S + (kdec K)^T V'
 // Layout, registers and traffic: metal/README.md. Needs `gated_delta_tiles` as header.
-constexpr int C = 64;
+// C, the chunk length, is a template constant (mlx_qwenmoe/ops/gated_delta/chunked.py: CHUNK).
 constexpr int NSG = 4;
 constexpr int NK = Dk / 8;
 constexpr int NJ = DVT / 8;
@@ -39,7 +39,7 @@ for (int t0 = 0; t0 < Tp; t0 += C) {
   auto kc = k + ((bi * T + t0) * Hk + hk) * Dk;
   auto kd = kdec + n * Tp + t0;
 
-  for (int tile = sg; tile < 8 * NJ; tile += NSG) {
+  for (int tile = sg; tile < C / 8 * NJ; tile += NSG) {
     const int tr = tile / NJ;
     const int tj = tile % NJ;
     simdgroup_float8x8 ws = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);

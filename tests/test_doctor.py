@@ -13,6 +13,7 @@ from mlx_qwenmoe.cli import main
 from mlx_qwenmoe.ops import gated_delta
 
 import metal_emu as me  # on sys.path through tests/conftest.py
+from conftest import STRICT_EMU
 
 KERNELS = ("moe_router", "moe_gate_up", "moe_down", "gated_delta_decode", "gated_delta_chunk_prep", "gated_delta_chunk_state")
 
@@ -36,7 +37,7 @@ def test_metal_path_with_device_mocked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "use_metal", lambda: True)
     monkeypatch.setattr(gated_delta, "use_metal", lambda: True)
     kernels.reset()
-    with me.emulate_metal(strict=True):
+    with me.emulate_metal(**STRICT_EMU):
         report = doctor.run(repeats=1, shapes=doctor.SMALL)
     kernels.reset()
     rows = {row["kernel"]: row for row in report["rows"]}

@@ -19,47 +19,7 @@ from mlx_qwenmoe.ops import gated_delta as gd
 from mlx_qwenmoe.ops.gated_delta.chunked import gated_delta_chunked
 from mlx_qwenmoe.ops.gated_delta.reference import gated_delta_recurrent
 
-
-def make_inputs(B, T, Hk, Hv, Dk, Dv, dtype=mx.float32, seed=0, with_state=True):
-    """Raw model-side inputs: q, k, v post-conv, a, b, A_log, dt_bias, state."""
-    mx.random.seed(seed)
-    q = mx.random.normal((B, T, Hk, Dk)).astype(dtype)
-    k = mx.random.normal((B, T, Hk, Dk)).astype(dtype)
-    v = mx.random.normal((B, T, Hv, Dv)).astype(dtype)
-    a = mx.random.normal((B, T, Hv)).astype(dtype)
-    b = mx.random.normal((B, T, Hv)).astype(dtype)
-    A_log = mx.random.uniform(-1.0, 1.5, (Hv,))
-    dt_bias = mx.random.uniform(0.0, 1.0, (Hv,))
-    state = mx.random.normal((B, Hv, Dv, Dk)) * 0.3 if with_state else None
-    return q, k, v, a, b, A_log, dt_bias, state
-
-
-def oracle_gates(a, b, A_log, dt_bias):
-    """g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b), in float64 numpy: the
-    published formula, not the package's helper, so a bug in that helper cannot hide."""
-    a, b, A_log, dt_bias = (np.array(x.astype(mx.float32), dtype=np.float64) for x in (a, b, A_log, dt_bias))
-    g = -np.exp(A_log) * np.logaddexp(0.0, a + dt_bias)
-    return mx.array(g.astype(np.float32)), mx.array((1 / (1 + np.exp(-b))).astype(np.float32))
-
-
-def oracle_l2norm(q, k, eps=1e-6):
-    """q / |q| / sqrt(Dk) and k / |k| (eps inside the root), as transformers' l2norm and scale."""
-    def unit(x):
-        x64 = np.array(x.astype(mx.float32), dtype=np.float64)
-        return x64 / np.sqrt((x64 * x64).sum(-1, keepdims=True) + eps)
-    return mx.array((unit(q) * q.shape[-1] ** -0.5).astype(np.float32)).astype(q.dtype), mx.array(unit(k).astype(np.float32)).astype(k.dtype)
-
-
-def core_inputs(*shape, **kw):
-    """Inputs of the core recurrence: normalised q, k; v; g; beta; state."""
-    q, k, v, a, b, A_log, dt_bias, state = make_inputs(*shape, **kw)
-    q, k = oracle_l2norm(q, k)
-    g, beta = oracle_gates(a, b, A_log, dt_bias)
-    return q, k, v, g, beta, state
-
-
-def max_abs(x, y) -> float:
-    return float(mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max())
+from delta_inputs import core_inputs, make_inputs, max_abs, oracle_gates
 
 
 # T around the chunk of 64 and across several chunks; Hv = 2 Hk.

@@ -23,7 +23,7 @@ from mlx_qwenmoe.ops.gated_delta import kernel
 from mlx_qwenmoe.ops.gated_delta.reference import gated_delta_recurrent
 
 from conftest import STRICT_EMU
-from test_gated_delta import make_inputs, max_abs
+from delta_inputs import make_inputs, max_abs
 
 SMALL = (2, 4, 32, 16)  # Hk, Hv, Dk, Dv
 REAL = (1, 2, 128, 128)  # the model's head dims, fewer heads

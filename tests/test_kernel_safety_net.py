@@ -19,6 +19,7 @@ from mlx_qwenmoe.ops.gated_delta import kernel as gd_kernel
 from mlx_qwenmoe.ops.moe import kernel as moe_kernel
 
 import metal_emu as me  # on sys.path through tests/conftest.py
+from conftest import STRICT_EMU
 
 PROMPT = "def read_config(path):"
 TOKENS = 3
@@ -43,7 +44,7 @@ def metal(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> 
     monkeypatch.setattr(kernels, "use_metal", lambda: True)
     monkeypatch.setattr(gated_delta, "use_metal", lambda: True)
     caplog.set_level(logging.WARNING, logger="mlx_qwenmoe")
-    with me.emulate_metal(strict=True):
+    with me.emulate_metal(**STRICT_EMU):
         yield
     kernels.reset()
 

@@ -17,6 +17,7 @@ from mlx_qwenmoe import kernels
 from mlx_qwenmoe.ops.moe import kernel, reference
 
 import metal_emu as me  # on sys.path through tests/conftest.py
+from conftest import STRICT_EMU
 
 E, K = 64, 8
 
@@ -24,7 +25,7 @@ E, K = 64, 8
 @pytest.fixture(scope="module", autouse=True)
 def emulated_metal():
     kernels.build.cache_clear()
-    with me.emulate_metal(strict=True):
+    with me.emulate_metal(**STRICT_EMU):
         yield
     kernels.build.cache_clear()
 

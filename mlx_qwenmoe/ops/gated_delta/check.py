@@ -13,8 +13,7 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 
 from ...kernels import assert_close
-from . import kernel
-from .chunked import gated_delta_chunked
+from .chunked import CHUNK, gated_delta_chunked
 # Bound here, not looked up on ``kernel`` per call: tests that count the dispatcher's
 # kernel calls (by patching ``kernel``) do not count the checks'.
 from .kernel import chunked as kernel_chunked
@@ -24,7 +23,7 @@ from .reference import gated_delta_recurrent
 DECODE = "gated_delta_decode"
 CHUNKED = "gated_delta_chunk_prep+gated_delta_chunk_state"
 # Two chunks, the second partial: enough to cross a chunk boundary.
-CHECK_T = kernel.CHUNK + 3
+CHECK_T = CHUNK + 3
 
 
 def rtol_for(dtype: mx.Dtype) -> float:

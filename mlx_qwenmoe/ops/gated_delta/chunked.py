@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
+# Tokens per chunk, for this path and the Metal kernels (their template constant C).
+# The prep kernel's prefix scan and its split of the inverse over 4 SIMD-groups assume 64.
 CHUNK = 64
 
 

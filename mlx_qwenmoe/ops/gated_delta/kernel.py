@@ -11,8 +11,8 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from ...kernels import build, metal_source
+from .chunked import CHUNK
 
-CHUNK = 64
 # Prefill runs in segments so the float32 scratch (w, qp, u, r: 2 (Dk + Dv)
 # floats per token and value head, 128 MiB per 2048 tokens at 32 x 128 x 128)
 # stays bounded for long prompts.
@@ -74,7 +74,8 @@ def _chunked_segment(
     Hv, Dv = v.shape[-2:]
     Tp = -(-T // CHUNK) * CHUNK
     header = metal_source("gated_delta_tiles")
-    dims = [("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv)]
+    # C: the chunk length, the one in chunked.py, so both paths cut the sequence alike.
+    dims = [("C", CHUNK), ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv)]
     prep = build(
         "gated_delta_chunk_prep",
         ("q", "k", "v", "g", "beta", "T"),
