@@ -13,6 +13,8 @@ import mlx.core as mx
 import mlx_lm.models.cache as _mlx_lm_cache
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
+from .ops.gated_delta import gated_delta_steps, gated_delta_update
+
 
 class AttentionCache(KVCache):
     """Keys and values of a full-attention layer; rolling back only moves the offset."""
@@ -47,10 +49,10 @@ class BatchAttentionCache(BatchKVCache):
 class DeltaNetCache(ArraysCache):
     """Conv state (B, K-1, conv_dim) and recurrent state (B, Hv, Dv, Dk, float32) of a DeltaNet layer.
 
-    While ``record_steps`` is set, the layer also leaves here, for the last block of tokens it
-    processed, the conv input and the recurrent state after every token, so that ``trim`` can
-    drop that block's last tokens exactly (speculative decoding rejects drafts this way). Keep
-    it off for prefill: it holds one recurrent state per token of the block.
+    ``delta_update`` advances the recurrent state by a block. While ``record_steps`` is set it
+    also keeps, for the last block, the conv input and the recurrent state after every token,
+    so that ``trim`` can drop that block's last tokens exactly (speculative decoding rejects
+    drafts this way). Keep it off for prefill: it holds one recurrent state per token of the block.
     """
 
     # Class defaults, so that mlx-lm's from_state (which skips __init__) gives a working cache.
@@ -87,10 +89,19 @@ class DeltaNetCache(ArraysCache):
         cache.cache = [None if c is None else mx.contiguous(c[idx : idx + 1]) for c in self.cache]
         return cache
 
-    def record_block(self, conv_in: mx.array, states: List[Optional[mx.array]]) -> None:
-        """conv_in: (B, K-1+T, C), the conv state before the block then its T inputs;
-        states: the recurrent state before the block, then after each of its T tokens."""
-        self._block = (conv_in, states)
+    def delta_update(
+        self, conv_in: mx.array, q: mx.array, k: mx.array, v: mx.array, a: mx.array, b: mx.array,
+        A_log: mx.array, dt_bias: mx.array, mask: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Run the delta rule over a block from this cache's state, keep the new state, and return
+        the block's output. conv_in: (B, K-1+T, C), the conv state before the block then its T
+        inputs (kept with the per-token states while ``record_steps``)."""
+        if self.record_steps:
+            out, states = gated_delta_steps(q, k, v, a, b, A_log, dt_bias, self.recurrent_state, mask)
+            self._block, self.cache[1] = (conv_in, states), states[-1]
+        else:
+            out, self.cache[1] = gated_delta_update(q, k, v, a, b, A_log, dt_bias, self.recurrent_state, mask)
+        return out
 
     def trim(self, n: int) -> int:
         """Forget the last ``n`` tokens of the last recorded block; returns ``n``."""

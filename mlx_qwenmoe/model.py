@@ -9,7 +9,7 @@ tools; the multi-token-prediction head (``mtp.*``), which mlx-lm drops, is kept.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,24 +42,6 @@ class GatedRMSNorm(nn.Module):
 def sigmoid_gate(x: mx.array, gate: mx.array) -> mx.array:
     """Gated attention's output gate, one kernel on Metal."""
     return x * mx.sigmoid(gate)
-
-
-def _delta_steps(
-    q: mx.array, k: mx.array, v: mx.array, a: mx.array, b: mx.array,
-    A_log: mx.array, dt_bias: mx.array, state: Optional[mx.array], mask: Optional[mx.array] = None,
-) -> Tuple[mx.array, List[Optional[mx.array]]]:
-    """The delta rule one token at a time, exactly as decoding runs it, keeping the state before
-    the block and after every token so a speculative verify block can be cut back to any prefix."""
-    outs, states = [], [state]
-    for t in range(q.shape[1]):
-        step = slice(t, t + 1)
-        o, state = gated_delta_update(
-            q[:, step], k[:, step], v[:, step], a[:, step], b[:, step], A_log, dt_bias, state,
-            None if mask is None else mask[:, step],
-        )
-        outs.append(o)
-        states.append(state)
-    return mx.concatenate(outs, axis=1), states
 
 
 class GatedDeltaNet(nn.Module):
@@ -117,15 +99,10 @@ class GatedDeltaNet(nn.Module):
         k = k.reshape(B, S, self.num_k_heads, self.head_k_dim)
         v = v.reshape(B, S, self.num_v_heads, self.head_v_dim)
 
-        state = cache.recurrent_state if cache is not None else None
-        if cache is not None and cache.record_steps:
-            out, states = _delta_steps(q, k, v, a, b, self.A_log, self.dt_bias, state, mask)
-            cache.record_block(conv_in, states)
-            state = states[-1]
+        if cache is None:
+            out, _ = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, None, mask)
         else:
-            out, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state, mask)
-        if cache is not None:
-            cache[1] = state
+            out = cache.delta_update(conv_in, q, k, v, a, b, self.A_log, self.dt_bias, mask)
             cache.advance(S)
         out = self.norm(out, z)
         return self.out_proj(out.reshape(B, S, self.value_dim))

@@ -10,7 +10,7 @@ One token takes the recurrent step, more take the chunked form; Metal when
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -97,3 +97,29 @@ def _verified(name: str, check_fn: Callable[..., None], args: tuple, check_t: in
     rest = [None if x is None else (x.shape, x.dtype) for x in args[5:]]
     variant = (*timed, *rest, a.shape[0] * check_t * a.shape[2] < 8)
     return kernels.verified(name, variant, lambda: check_fn(*check.sample_like(args, check_t)))
+
+
+def gated_delta_steps(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    a: mx.array,
+    b: mx.array,
+    A_log: mx.array,
+    dt_bias: mx.array,
+    state: Optional[mx.array] = None,
+    mask: Optional[mx.array] = None,
+) -> Tuple[mx.array, List[Optional[mx.array]]]:
+    """``gated_delta_update`` one token at a time, exactly as decoding runs it, returning the
+    state before the block and after every token (a speculative verify block is cut back to
+    any prefix of itself this way)."""
+    outs, states = [], [state]
+    for t in range(q.shape[1]):
+        step = slice(t, t + 1)
+        o, state = gated_delta_update(
+            q[:, step], k[:, step], v[:, step], a[:, step], b[:, step], A_log, dt_bias, state,
+            None if mask is None else mask[:, step],
+        )
+        outs.append(o)
+        states.append(state)
+    return mx.concatenate(outs, axis=1), states
