@@ -46,6 +46,33 @@ def _split_chunks(x: mx.array, chunk: int, value_heads: int) -> mx.array:
     return mx.contiguous(x.transpose(order))
 
 
+def _chunk_terms(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, chunk: int) -> Tuple[mx.array, ...]:
+    """The per-chunk WY/UT terms, for all chunks at once (chunk-major, as ``_split_chunks`` lays them).
+
+    Every decay is a sum of g over its own span, never a difference of two cumulative sums:
+    with g = [-1e5, -0.01, ...] a difference of 0.01 would be below one float32 ulp of 1e5.
+    gamma (over [0, i]) and tail (gamma_C - gamma_j, over (j, C)) each add terms of one sign.
+    """
+    gamma = mx.cumsum(g, axis=-1)
+    tail = mx.cumsum(g, axis=-1, reverse=True, inclusive=False)
+    idx = mx.arange(chunk)
+    # seg[i, j] = sum of g over (j, i]: a running sum down each column of the masked g.
+    below = idx[:, None] > idx[None, :]
+    seg = mx.cumsum(mx.where(below, g[..., :, None], 0.0), axis=-2)
+    # Mask before the exp: above the diagonal there is no decay to take.
+    decay = mx.exp(mx.where(below | mx.eye(chunk, dtype=mx.bool_), seg, -mx.inf))
+    kt = k.swapaxes(-1, -2)
+    A = mx.where(mx.eye(chunk, dtype=mx.bool_), 1.0, beta[..., None] * (k @ kt) * decay)
+    # LAPACK's trtri runs on the CPU stream only; the matrices are tiny.
+    Tb = mx.linalg.tri_inv(A, upper=False, stream=mx.cpu) * beta[..., None, :]
+    e_gamma = mx.exp(gamma)[..., None]
+    W = (Tb * e_gamma.swapaxes(-1, -2)) @ k
+    U = Tb @ v
+    Kd_t = (k * mx.exp(tail)[..., None]).swapaxes(-1, -2)
+    d_last = mx.exp(gamma[..., -1])[..., None, None]
+    return W, U, Kd_t, d_last, q * e_gamma, (q @ kt) * decay
+
+
 def gated_delta_chunked(
     q: mx.array,
     k: mx.array,
@@ -74,33 +101,12 @@ def gated_delta_chunked(
     q, k = _split_chunks(q, chunk, 1), _split_chunks(k, chunk, 1)
     v, g, beta = (_split_chunks(x, chunk, n) for x in (v, g, beta))
 
-    # Every decay is a sum of g over its own span, never a difference of two cumulative sums:
-    # with g = [-1e5, -0.01, ...] a difference of 0.01 would be below one float32 ulp of 1e5.
-    # gamma (over [0, i]) and tail (gamma_C - gamma_j, over (j, C)) each add terms of one sign.
-    gamma = mx.cumsum(g, axis=-1)
-    tail = mx.cumsum(g, axis=-1, reverse=True, inclusive=False)
-    idx = mx.arange(chunk)
-    # seg[i, j] = sum of g over (j, i]: a running sum down each column of the masked g.
-    below = idx[:, None] > idx[None, :]
-    seg = mx.cumsum(mx.where(below, g[..., :, None], 0.0), axis=-2)
-    # Mask before the exp: above the diagonal there is no decay to take.
-    decay = mx.exp(mx.where(below | mx.eye(chunk, dtype=mx.bool_), seg, -mx.inf))
-    kt = k.swapaxes(-1, -2)
-    A = mx.where(mx.eye(chunk, dtype=mx.bool_), 1.0, beta[..., None] * (k @ kt) * decay)
-    # LAPACK's trtri runs on the CPU stream only; the matrices are tiny.
-    Tb = mx.linalg.tri_inv(A, upper=False, stream=mx.cpu) * beta[..., None, :]
-    e_gamma = mx.exp(gamma)[..., None]
-    W = (Tb * e_gamma.swapaxes(-1, -2)) @ k
-    U = Tb @ v
-    Kd_t = (k * mx.exp(tail)[..., None]).swapaxes(-1, -2)
-    d_last = mx.exp(gamma[..., -1])[..., None, None]
+    W, U, Kd_t, d_last, q_decayed, P = _chunk_terms(q, k, v, g, beta, chunk)
 
     if state is None:
         S = mx.zeros((B, Hk, n, Dk, Dv), dtype=mx.float32)
     else:
         S = state.astype(mx.float32).reshape(B, Hk, n, Dv, Dk).swapaxes(-1, -2)
-    q_decayed = q * e_gamma
-    P = (q @ kt) * decay
     outs = []
     for c in range(N):
         v_new = mx.addmm(U[c], W[c], S, alpha=-1.0)
