@@ -9,19 +9,15 @@ DST that is renamed to DST only once complete.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 import json
-import os
 import re
 import shutil
-import tempfile
-import uuid
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.utils import save_config
@@ -31,7 +27,7 @@ from mlx_qwenmoe.config import ModelArgs, quantization_of, read_config
 from mlx_qwenmoe.errors import CheckpointError, ConfigError, ModelNotFoundError, OutputError
 from mlx_qwenmoe.loading import HUB_PATTERNS, resolve_model_path
 
-from .memory import GiB
+from .destination import check_destination, check_overwrite, describe_bytes, staging
 from .plan import DEFAULT_CONTEXT, DEFAULT_RESERVE, Plan, plan_conversion
 from .source import SourceTensor, source_tensors
 from .writer import MAX_SHARD_BYTES, ShardWriter
@@ -76,10 +72,8 @@ def convert(
         if dst is None:
             raise OutputError("convert: give DST (or --dry-run)")
         dst = Path(dst).expanduser()
-        if dst.exists() and not force:
-            raise OutputError(f"{dst}: already exists (use --force to replace it)")
-        if not dst.parent.is_dir():
-            raise OutputError(f"{dst}: parent directory {dst.parent} does not exist")
+        check_destination(model_dir, dst)
+        check_overwrite(dst, force)
         tensors = source_tensors(model_dir)
     mtp_layers = _mtp_layers(tensors) if tensors is not None else None
     plan = plan_conversion(config, bits=bits, group_size=group_size, fit=fit, context=context, reserve=reserve,
@@ -88,11 +82,11 @@ def convert(
     if dry_run:
         return plan
     args = ModelArgs.from_config(config, source=where)
-    with _staging(dst, force, plan.weight_bytes) as tmp:
+    with staging(dst, force, plan.weight_bytes) as tmp:
         _write_weights(tmp, plan, tensors, args, max_shard_bytes, log)
         _write_config(tmp / "config.json", config, args, plan)
         _copy_side_files(model_dir, tmp)
-    log(f"wrote {plan.weight_bytes / GiB:.3f} GiB of weights to {dst}")
+    log(f"wrote {describe_bytes(plan.weight_bytes)} of weights to {dst}")
     return plan
 
 
@@ -123,31 +117,6 @@ def _dry_run_source(src: Union[str, Path]) -> Tuple[dict, Optional[Dict[str, Sou
 def _mtp_layers(tensors: Dict[str, SourceTensor]) -> int:
     layers = {int(m.group(1)) for k in tensors if (m := re.match(r"mtp\.layers\.(\d+)\.", k))}
     return max(layers) + 1 if layers else 0
-
-
-@contextlib.contextmanager
-def _staging(dst: Path, force: bool, nbytes: int) -> Iterator[Path]:
-    """A hidden directory beside ``dst``, renamed to ``dst`` on success and removed on any failure."""
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    except OSError as e:
-        raise OutputError(f"{dst}: cannot write in {dst.parent} ({e.strerror or e})") from None
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become DST's mode
-        free = shutil.disk_usage(tmp).free
-        if free < nbytes:
-            raise OutputError(f"{dst}: {nbytes / GiB:.2f} GiB needed but {free / GiB:.2f} GiB free on its disk")
-        yield tmp
-        if dst.exists() or dst.is_symlink():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_weights(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Optional, Tuple
 
@@ -11,13 +13,31 @@ from .errors import QwenMoeError
 
 
 class _Group(click.Group):
-    """Report our errors (bad file, tensor, option) as one line and exit 2, like click's usage errors."""
+    """Report our errors (bad file, tensor, option) as one line and exit 2, like click's usage errors;
+    Ctrl-C exits 130 and a full or closed stdout exits 1, each without a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except QwenMoeError as e:
             raise click.UsageError(str(e)) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("\ninterrupted\n")
+            sys.exit(130)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT):
+                raise
+            _quiet_stdout()
+            click.echo(f"Error: cannot write the output ({e.strerror})", err=True)
+            sys.exit(1)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of a failed stdout raises nothing."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 @click.group(cls=_Group)

@@ -86,7 +86,10 @@ def test_existing_dst_needs_force(checkpoint, tmp_path):
     (dst / "keep.txt").write_text("mine")
     with pytest.raises(OutputError, match="--force"):
         convert(checkpoint, dst)
+    with pytest.raises(OutputError, match="not a model directory"):
+        convert(checkpoint, dst, force=True)  # --force replaces only a model directory
     assert _only(dst) == ["keep.txt"]
+    (dst / "config.json").write_text("{}")
     convert(checkpoint, dst, force=True)
     assert "keep.txt" not in _only(dst) and (dst / "model.safetensors").exists()
     assert _only(tmp_path) == ["out"]
