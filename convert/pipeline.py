@@ -25,6 +25,7 @@ from mlx_lm.utils import save_config
 from mlx_qwenmoe.checkpoint import hf_to_mlx, layer_groups, per_expert_key, rows_independent
 from mlx_qwenmoe.config import ModelArgs, quantization_of, read_config
 from mlx_qwenmoe.errors import CheckpointError, ConfigError, ModelNotFoundError, OutputError
+from mlx_qwenmoe.hub import fetch_file
 from mlx_qwenmoe.loading import HUB_PATTERNS, resolve_model_path
 
 from .destination import check_destination, check_overwrite, describe_bytes, staging
@@ -97,12 +98,7 @@ def _dry_run_source(src: Union[str, Path]) -> Tuple[dict, Optional[Dict[str, Sou
         has_weights = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
         return read_config(path), source_tensors(path) if has_weights else None, str(path / "config.json")
     if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = Path(hf_hub_download(str(src), "config.json", etag_timeout=10))
-        except Exception as e:  # noqa: BLE001  every Hub failure is one line for the user
-            raise ModelNotFoundError(f"{src}: cannot fetch config.json ({type(e).__name__})") from None
+        path = fetch_file(str(src), "config.json")
     if not path.is_file():
         raise ModelNotFoundError(f"{src}: not a model directory, config file or Hugging Face repo id")
     try:

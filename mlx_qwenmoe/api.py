@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import jinja2
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from .errors import CheckpointError, ModelNotFoundError
+from .errors import CheckpointError, ModelNotFoundError, QwenMoeError
 from .loading import load_model, resolve_model_path
 from .model import Model
 
@@ -61,8 +62,23 @@ def load(
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"{model_dir}: no tokenizer ({', '.join(TOKENIZER_FILES)})")
     model, config = load_model(model_dir, dtype=dtype)
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=eos_token_ids(model_dir, config))
+    tokenizer = _load_tokenizer(model_dir, config)
+    size = len(tokenizer._tokenizer)
+    if size > model.args.vocab_size:
+        raise CheckpointError(
+            f"{model_dir}: the tokenizer has {size} tokens but the model's vocab_size is {model.args.vocab_size}"
+        )
     return model, tokenizer
+
+
+def _load_tokenizer(model_dir: Path, config: Dict[str, Any]) -> TokenizerWrapper:
+    try:
+        return load_tokenizer(model_dir, eos_token_ids=eos_token_ids(model_dir, config))
+    except QwenMoeError:
+        raise
+    except Exception as e:  # noqa: BLE001  transformers and tokenizers raise many types for bad files
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{model_dir}: the tokenizer cannot be loaded ({detail})") from None
 
 
 def chat_prompt(
@@ -77,5 +93,8 @@ def chat_prompt(
     if not tokenizer.has_chat_template:
         raise ValueError("this checkpoint's tokenizer has no chat template")
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **kwargs)
+    try:
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **kwargs)
+    except jinja2.TemplateError as e:
+        raise CheckpointError(f"the checkpoint's chat template fails ({type(e).__name__}: {e})".splitlines()[0]) from None
     return tokenizer.encode(text, add_special_tokens=False)

@@ -7,6 +7,7 @@ the token history), so code written against mlx-lm's API runs against ours.
 
 from __future__ import annotations
 
+import operator
 import time
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -15,6 +16,8 @@ import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, wired_limit
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .model import check_token_ids
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -63,6 +66,7 @@ def generate_step(
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError(f"prompt must be a non-empty 1-D array of token ids, got shape {tuple(prompt.shape)}")
+    check_token_ids(prompt, model.args.vocab_size)
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
     sampler = sampler or greedy_sampler
@@ -70,7 +74,8 @@ def generate_step(
     history = prompt
 
     def step(tokens: mx.array) -> Tuple[mx.array, mx.array]:
-        logits = model(tokens[None], cache=cache)[:, -1, :]
+        # Sampled ids are in the vocabulary by construction: no per-token check (it would sync).
+        logits = model.logits(model.hidden(tokens[None], cache))[:, -1, :]
         for processor in logits_processors or ():
             logits = processor(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -123,11 +128,20 @@ class StopStrings:
 def _prompt_ids(tokenizer: TokenizerWrapper, prompt: Union[str, Sequence[int], mx.array]) -> mx.array:
     if isinstance(prompt, mx.array):
         return prompt
+    if isinstance(prompt, (bytes, bytearray)):
+        raise ValueError("prompt must be text (str) or token ids, not bytes")
     if isinstance(prompt, str):
         # As mlx-lm: add the tokenizer's special tokens unless the text already starts with BOS.
         bos = tokenizer.bos_token
         prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
-    return mx.array(list(prompt), dtype=mx.uint32)
+    try:
+        ids = [operator.index(t) for t in prompt]
+    except TypeError:
+        raise ValueError("prompt must be text or a sequence of integer token ids") from None
+    bad = next((t for t in ids if not 0 <= t < 2**31), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary")
+    return mx.array(ids, dtype=mx.uint32)
 
 
 def stream_generate(
@@ -157,6 +171,7 @@ def stream_generate(
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     prompt = _prompt_ids(tokenizer, prompt)
+    check_token_ids(prompt, model.args.vocab_size)
     options = dict(
         max_tokens=max_tokens,
         sampler=sampler,

@@ -1,5 +1,6 @@
-"""``mlx_qwenmoe convert`` with a pause after every written tensor and before the final rename,
-each announced on stdout, so a test can send a real signal at a known point of the conversion.
+"""``mlx_qwenmoe convert`` announcing on stdout every written tensor and the final rename, with a
+pause at the points tests signal (tensors 1 and 20, the rename), so a test can send a real signal
+at a known point of the conversion.
 
 Usage: ``python tests/slow_convert.py SRC DST [convert options]``.
 """
@@ -18,7 +19,8 @@ def _slow_emit(self, *args):
     _emit(self, *args)
     _count[0] += 1
     print(f"@emit {_count[0]}", flush=True)
-    time.sleep(0.2)
+    if _count[0] in (1, 20):
+        time.sleep(0.5)
 
 
 def _slow_finish(*args):
