@@ -14,6 +14,7 @@ import fnmatch
 import json
 import re
 import shutil
+import sys
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.utils import save_config
+from tqdm import tqdm
 
 from mlx_qwenmoe.checkpoint import hf_to_mlx, layer_groups, per_expert_key, rows_independent
 from mlx_qwenmoe.config import ModelArgs, quantization_of, read_config
@@ -54,12 +56,14 @@ def convert(
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     log: Log = lambda _line: None,
+    progress: bool = False,
 ) -> Plan:
     """Convert ``src`` (local directory or Hub repo id) into mlx-lm's format at ``dst``; returns the plan.
 
     ``dry_run``: only plan (and ``log`` the plan); ``src`` may then also be a config.json file,
     or a Hub repo id of which only config.json is fetched. See ``plan_conversion`` for the
-    recipe options. ``dst`` is replaced only with ``force``.
+    recipe options. ``dst`` is replaced only with ``force``. ``progress`` shows a bar on stderr
+    (bytes of the source done, rate, ETA).
     """
     if dry_run:
         config, tensors, where = _dry_run_source(src)
@@ -84,7 +88,9 @@ def convert(
         return plan
     args = ModelArgs.from_config(config, source=where)
     with staging(dst, force, plan.weight_bytes) as tmp:
-        _write_weights(tmp, plan, tensors, args, max_shard_bytes, log)
+        with tqdm(total=sum(t.nbytes for t in tensors.values()), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc="converting", disable=not progress, file=sys.stderr, leave=False) as bar:
+            _write_weights(tmp, plan, tensors, args, max_shard_bytes, log if not progress else bar.write, bar)
         _write_config(tmp / "config.json", config, args, plan)
         _copy_side_files(model_dir, tmp)
     log(f"wrote {describe_bytes(plan.weight_bytes)} of weights to {dst}")
@@ -116,13 +122,14 @@ def _mtp_layers(tensors: Dict[str, SourceTensor]) -> int:
 
 
 def _write_weights(
-    out_dir: Path, plan: Plan, tensors: Dict[str, SourceTensor], args: ModelArgs, max_shard_bytes: int, log: Log
+    out_dir: Path, plan: Plan, tensors: Dict[str, SourceTensor], args: ModelArgs, max_shard_bytes: int, log: Log,
+    bar: tqdm,
 ) -> None:
     # A checkpoint already in MLX's conv layout already carries its +1 norm offsets (as in Model.sanitize).
     from_hf = any(k.endswith("conv1d.weight") and t.shape[-1] != 1 for k, t in tensors.items())
     writer = ShardWriter(out_dir, [o for t in plan.tensors for o in t.outputs], max_shard_bytes)
     try:
-        emit = _Emitter(plan, writer)
+        emit = _Emitter(plan, writer, bar)
         for group, names in layer_groups(tensors).items():
             log(f"converting {group}")
             singles, experts = _units(names, args)
@@ -164,6 +171,7 @@ def _convert_rows(tensor: SourceTensor, args: ModelArgs, from_hf: bool, emit: "_
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         chunk = tensor.read(start, stop) if tensor.shape else tensor.read()
+        emit.bar.update((stop - start) * tensor.row_bytes if tensor.shape else tensor.nbytes)
         for name, value in hf_to_mlx({tensor.name: chunk}, args, from_hf=from_hf).items():
             emit(name, value, start)
 
@@ -176,6 +184,7 @@ def _convert_experts(prefix: str, proj: str, per_expert: List[SourceTensor], arg
     for start in range(0, len(per_expert), step):
         chunk = per_expert[start : start + step]
         inputs = {pattern.sub(f".experts.{i}.", t.name): t.read() for i, t in enumerate(chunk)}
+        emit.bar.update(sum(t.nbytes for t in chunk))
         for name, value in hf_to_mlx(inputs, replace(args, num_experts=len(chunk)), from_hf=from_hf).items():
             emit(name, value, start)
 
@@ -183,8 +192,8 @@ def _convert_experts(prefix: str, proj: str, per_expert: List[SourceTensor], arg
 class _Emitter:
     """Casts, quantizes as planned and writes rows of a mapped tensor."""
 
-    def __init__(self, plan: Plan, writer: ShardWriter):
-        self.plan, self.writer = plan, writer
+    def __init__(self, plan: Plan, writer: ShardWriter, bar: tqdm):
+        self.plan, self.writer, self.bar = plan, writer, bar
 
     def __call__(self, name: str, value: mx.array, row: int) -> None:
         if name not in self.plan:
