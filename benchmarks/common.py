@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import struct
 import time
@@ -363,3 +364,19 @@ def cache_state(cache: Sequence[Any]) -> List[Any]:
     return [c.state for c in cache]
 
 
+
+
+def require_resources(memory: int, disk: int, where: Path) -> Path:
+    """Create ``where`` (a benchmark's output or cache folder) and stop with one clear line when
+    the machine has less than ``memory`` bytes available or ``where`` less than ``disk`` bytes free."""
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create {where}: {e.strerror or e}") from None
+    have_memory, have_disk = available_bytes(), shutil.disk_usage(where).free
+    GiB = 1 << 30
+    if have_memory < memory:
+        raise SystemExit(f"needs {memory / GiB:.2f} GiB of memory, {have_memory / GiB:.2f} GiB available now")
+    if have_disk < disk:
+        raise SystemExit(f"needs {disk / GiB:.2f} GiB of disk in {where}, {have_disk / GiB:.2f} GiB free")
+    return where

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
+import warnings
 from typing import Optional, Tuple
 
 import click
@@ -40,6 +42,38 @@ def _quiet_stdout() -> None:
         pass
 
 
+class _Finite(click.FloatRange):
+    """A float range that also refuses nan and infinities (which pass FloatRange's comparisons)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def _read_prompt(prompt: Optional[str]) -> str:
+    """The prompt from --prompt or stdin, as valid text."""
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise click.UsageError("give --prompt or pipe the prompt on stdin")
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise click.UsageError("stdin: the prompt is not valid UTF-8 text") from None
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
+        raise click.UsageError("--prompt: not valid UTF-8 text") from None
+    if not prompt:
+        raise click.UsageError("--prompt: the prompt is empty")
+    return prompt
+
+
+def _show_warning(message, *_args, **_kwargs) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="mlx_qwenmoe")
 def main() -> None:
@@ -50,12 +84,12 @@ def main() -> None:
 @click.option("--model", "model_path", default=None, help="Model directory or Hugging Face repo id. [default: the bundled demo model]")
 @click.option("--prompt", default=None, help="Prompt text; omitted or '-' reads it from stdin.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True, help="Nucleus sampling; 1 keeps every token.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 keeps every token.")
-@click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True, help="Drop tokens below this fraction of the top probability.")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Penalty on the last 20 tokens, e.g. 1.1.")
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--temp", type=_Finite(min=0.0), default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", type=_Finite(0.0, 1.0), default=1.0, show_default=True, help="Nucleus sampling; 1 keeps every token.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 (or the vocabulary size or more) keeps every token.")
+@click.option("--min-p", type=_Finite(0.0, 1.0), default=0.0, show_default=True, help="Drop tokens below this fraction of the top probability.")
+@click.option("--repetition-penalty", type=_Finite(min=0.0, min_open=True), default=None, help="Penalty on the last 20 tokens, e.g. 1.1.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Random seed for sampling.")
 @click.option("--chat/--no-chat", default=None, help="Apply the checkpoint's chat template. [default: when it has one]")
 @click.option("--think/--no-think", default=None, help="Qwen3.5 thinking switch (enable_thinking) of the chat template.")
 @click.option("--system", default=None, help="System message (chat mode).")
@@ -63,6 +97,7 @@ def main() -> None:
 @click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True, help="Prompt tokens per forward pass.")
 @click.option("--mtp/--no-mtp", default=False, show_default=True, help="Speculative decoding with the checkpoint's MTP head.")
 @click.option("--draft-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Tokens drafted per step with --mtp.")
+@click.option("--quiet", is_flag=True, help="No prefill progress (there is none when stderr is not a terminal).")
 def generate_command(
     model_path: Optional[str],
     prompt: Optional[str],
@@ -80,6 +115,7 @@ def generate_command(
     prefill_step_size: int,
     mtp: bool,
     draft_tokens: int,
+    quiet: bool,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; the stats line goes to stderr."""
     import mlx.core as mx
@@ -88,13 +124,11 @@ def generate_command(
     from .api import chat_prompt, load
     from .generate import format_stats, stream_generate
 
-    if prompt is None or prompt == "-":
-        if sys.stdin.isatty():
-            raise click.UsageError("give --prompt or pipe the prompt on stdin")
-        prompt = sys.stdin.read()
-    if not prompt:
-        raise click.UsageError("--prompt: the prompt is empty")
+    prompt = _read_prompt(prompt)
+    warnings.showwarning = _show_warning
     model, tokenizer = load(model_path)
+    if top_k >= model.args.vocab_size:
+        top_k = 0  # keeping at least every token is keeping all of them
     if chat is None:
         chat = tokenizer.has_chat_template
     if chat:
@@ -131,6 +165,7 @@ def generate_command(
         mtp=mtp,
         draft_tokens=draft_tokens,
         mtp_stats=mtp_stats,
+        prefill_progress=not quiet and sys.stderr.isatty(),
     ):
         click.echo(response.text, nl=False)
     click.echo()

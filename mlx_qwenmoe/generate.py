@@ -8,7 +8,9 @@ the token history), so code written against mlx-lm's API runs against ours.
 from __future__ import annotations
 
 import operator
+import sys
 import time
+import warnings
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -16,6 +18,7 @@ import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, wired_limit
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+from tqdm import tqdm
 
 from .model import check_token_ids
 
@@ -33,19 +36,28 @@ __all__ = [
 ]
 
 
-def prefill(model: nn.Module, tokens: mx.array, cache: List[Any], prefill_step_size: int = 2048) -> None:
+PROGRESS_MIN_TOKENS = 4096  # shorter prompts are done before a bar would be read
+
+
+def prefill(
+    model: nn.Module, tokens: mx.array, cache: List[Any], prefill_step_size: int = 2048, progress: bool = False
+) -> None:
     """Run ``tokens`` (1-D) into ``cache``, ``prefill_step_size`` tokens at a time.
 
     Only the hidden states are asked for, and evaluating the cache state after each chunk
     lets MLX free that chunk's activations, so peak memory is the caches plus one chunk
-    whatever the prompt length.
+    whatever the prompt length. ``progress`` shows a bar on stderr for prompts of at least
+    ``PROGRESS_MIN_TOKENS`` tokens.
     """
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be at least 1, not {prefill_step_size}")
-    for start in range(0, tokens.size, prefill_step_size):
-        model.hidden(tokens[None, start : start + prefill_step_size], cache)
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
+    show = progress and tokens.size >= PROGRESS_MIN_TOKENS
+    with tqdm(total=tokens.size, unit="tok", desc="prefill", disable=not show, file=sys.stderr, leave=False) as bar:
+        for start in range(0, tokens.size, prefill_step_size):
+            model.hidden(tokens[None, start : start + prefill_step_size], cache)
+            mx.eval([c.state for c in cache])
+            mx.clear_cache()
+            bar.update(min(prefill_step_size, tokens.size - start))
 
 
 def generate_step(
@@ -57,6 +69,7 @@ def generate_step(
     logits_processors: Optional[List[LogitsProcessor]] = None,
     prefill_step_size: int = 2048,
     cache: Optional[List[Any]] = None,
+    prefill_progress: bool = False,
 ) -> Iterator[Tuple[int, mx.array]]:
     """Yield up to ``max_tokens`` (token, log-probabilities over the vocabulary) pairs.
 
@@ -81,7 +94,7 @@ def generate_step(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
-    prefill(model, prompt[:-1], cache, prefill_step_size)
+    prefill(model, prompt[:-1], cache, prefill_step_size, prefill_progress)
     y, logprobs = step(prompt[-1:])
     mx.async_eval(y, logprobs)
     for n in range(max_tokens):
@@ -158,6 +171,7 @@ def stream_generate(
     mtp: bool = False,
     draft_tokens: int = 2,
     mtp_stats: Optional[Any] = None,
+    prefill_progress: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Yield one ``GenerationResponse`` per generated token, the last with ``finish_reason``
     "stop" (an EOS token of the checkpoint or a ``stop`` string) or "length".
@@ -165,6 +179,7 @@ def stream_generate(
     ``text`` never contains the EOS token or a stop string. ``mtp`` drafts ``draft_tokens``
     tokens ahead with the checkpoint's multi-token-prediction head and verifies them;
     ``mtp_stats`` (a ``speculative.SpecStats``) then collects acceptance counts.
+    ``prefill_progress``: a progress bar on stderr for long prompts (without ``mtp``).
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
@@ -172,6 +187,13 @@ def stream_generate(
         tokenizer = TokenizerWrapper(tokenizer)
     prompt = _prompt_ids(tokenizer, prompt)
     check_token_ids(prompt, model.args.vocab_size)
+    limit = model.args.max_position_embeddings
+    if prompt.size + max_tokens > limit:
+        warnings.warn(
+            f"the prompt ({prompt.size} tokens) plus max_tokens ({max_tokens}) run past the model's "
+            f"max_position_embeddings ({limit}); output beyond it may degrade",
+            stacklevel=2,
+        )
     options = dict(
         max_tokens=max_tokens,
         sampler=sampler,
@@ -185,7 +207,8 @@ def stream_generate(
 
         tokens = mtp_generate_step(prompt, model, draft_tokens=draft_tokens, stats=mtp_stats, **options)
     else:
-        tokens = ((t, lp, False) for t, lp in generate_step(prompt, model, cache=cache, **options))
+        tokens = ((t, lp, False) for t, lp in generate_step(
+            prompt, model, cache=cache, prefill_progress=prefill_progress, **options))
 
     detokenizer = tokenizer.detokenizer
     stops = StopStrings(stop)
