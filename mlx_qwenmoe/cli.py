@@ -18,6 +18,16 @@ class _Group(click.Group):
     """Report our errors (bad file, tensor, option) as one line and exit 2, like click's usage errors;
     Ctrl-C exits 130 and a full or closed stdout exits 1, each without a traceback."""
 
+    def list_commands(self, ctx: click.Context):
+        return sorted([*super().list_commands(ctx), "convert"])
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name == "convert":  # the converter lives in its own package; imported only when asked for
+            from mlx_qwenmoe.convert.cli import convert_command
+
+            return convert_command
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -54,17 +64,19 @@ class _Finite(click.FloatRange):
 
 def _read_prompt(prompt: Optional[str]) -> str:
     """The prompt from --prompt or stdin, as valid text."""
+    where = "--prompt"
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
             raise click.UsageError("give --prompt or pipe the prompt on stdin")
+        where = "stdin"
         try:
             prompt = sys.stdin.read()
         except UnicodeDecodeError:
-            raise click.UsageError("stdin: the prompt is not valid UTF-8 text") from None
+            prompt = "\udcff"  # reported below, as the surrogate-escaped case is
     try:
         prompt.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
-        raise click.UsageError("--prompt: not valid UTF-8 text") from None
+    except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates
+        raise click.UsageError(f"{where}: the prompt is not valid UTF-8 text") from None
     if not prompt:
         raise click.UsageError("--prompt: the prompt is empty")
     return prompt
@@ -174,7 +186,3 @@ def generate_command(
     if mtp_stats is not None:
         click.echo(str(mtp_stats), err=True)
 
-
-from mlx_qwenmoe.convert.cli import convert_command  # noqa: E402  the converter lives in its own package
-
-main.add_command(convert_command, name="convert")
