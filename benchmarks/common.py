@@ -225,9 +225,9 @@ def ensure_checkpoint(
     index = directory / "model.safetensors.index.json"
     if index.exists():
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
     plan = quant_plan(lazy_model(config), recipe)
     shapes = parameter_shapes(config, plan)
+    require_resources(memory=0, disk=planned_bytes(shapes, float_dtype) + (1 << 30), where=directory)
     dtypes = {n: (d if d == mx.uint32 or n.endswith("A_log") else float_dtype) for n, _, d in shapes}
     shards: Dict[str, List[Tuple[str, Tuple[int, ...], mx.Dtype]]] = {}
     for name, shape, _ in shapes:
