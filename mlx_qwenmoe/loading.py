@@ -175,7 +175,8 @@ def _quantize(model: Model, config: dict, weights: Dict[str, mx.array]) -> None:
     def predicate(path: str, module: nn.Module):
         if isinstance(quantization.get(path), dict):
             return quantization[path]
-        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+        # Without its weight mlx-lm's inference would raise KeyError: report it as missing instead.
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights or f"{path}.weight" not in weights:
             return False
         return infer_quant_config(path, module, weights)
 
