@@ -119,10 +119,14 @@ def hf_to_mlx(weights: Dict[str, Any], args: ModelArgs, *, from_hf: bool) -> Dic
     """
     out: Dict[str, Any] = {}
     experts: Dict[Tuple[str, str], Dict[int, Any]] = defaultdict(dict)
+    spelled: Dict[str, str] = {}
     for key, value in weights.items():
         if is_vision_key(key):
             continue
-        key = rename(key)
+        source, key = key, rename(key)
+        if key in spelled:  # e.g. model.layers.0.x and model.language_model.layers.0.x: one would silently win
+            raise CheckpointError(f"tensors {spelled[key]} and {source} are the same parameter")
+        spelled[key] = source
         if m := _PER_EXPERT.match(key):
             experts[(m.group(1), m.group(3))][int(m.group(2))] = value
         elif m := _FUSED_GATE_UP.match(key):

@@ -79,6 +79,7 @@ def _is_count(value: object) -> bool:
 
 def _check_entry(path: Path, name: str, info: object, data_size: int) -> None:
     """One tensor's header entry: known dtype, a shape of counts, offsets spanning exactly its bytes."""
+    name = name if name.isprintable() else repr(name)  # an error message stays one line
     try:
         dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
     except (KeyError, TypeError, ValueError):
