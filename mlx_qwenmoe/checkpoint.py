@@ -105,6 +105,13 @@ def _stack_experts(groups: Dict[Tuple[str, str], Dict[int, Any]], num_experts: i
                 f"tensor {prefix}.experts.{missing[0]}.{proj}.weight is missing "
                 f"({len(per_expert)} of {num_experts} experts of {prefix} present)"
             )
+        shape = tuple(per_expert[0].shape)
+        odd = next((e for e in range(num_experts) if tuple(per_expert[e].shape) != shape), None)
+        if odd is not None:
+            raise CheckpointError(
+                f"tensor {prefix}.experts.{odd}.{proj}.weight has shape {tuple(per_expert[odd].shape)}, "
+                f"expert 0's is {shape}"
+            )
         out[f"{prefix}.switch_mlp.{proj}.weight"] = _stack([per_expert[e] for e in range(num_experts)])
     return out
 
