@@ -28,6 +28,9 @@ import mlx.core as mx
 from mlx_qwenmoe.config import ModelArgs
 from mlx_qwenmoe.convert.writer import ShardWriter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "qwen3_5_35b_a3b_config.json"
 GiB = 1 << 30
 BLOCK = 32 << 20  # random bf16 values generated once and reused for every chunk
@@ -104,6 +107,8 @@ def main() -> None:
     parser.add_argument("--fit", default=None)
     parser.add_argument("--tmp", default=tempfile.gettempdir())
     opts = parser.parse_args()
+    # The BF16 source (~1.6 GiB per A3B layer) and its quantized copy, side by side.
+    C.require_resources(memory=3 * GiB, disk=int(opts.layers * 2.2 * GiB), where=Path(opts.tmp))
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=opts.tmp))
     try:
         src, dst = work / "src", work / "dst"

@@ -192,7 +192,7 @@ def main(argv: Sequence[str] = ()) -> None:
         while (have := C.available_bytes()) < need and time.monotonic() < deadline:
             time.sleep(10)
         on_disk = (directory / "model.safetensors.index.json").exists()
-        disk_free = shutil.disk_usage(C.CACHE_ROOT.parent if not C.CACHE_ROOT.exists() else C.CACHE_ROOT).free
+        disk_free = shutil.disk_usage(C.require_resources(memory=0, disk=0, where=C.CACHE_ROOT)).free
         skip = None
         if need > have:
             skip = f"skipped: needs {gib(need)} (weights + 32K cache + {gib(RESERVE)} reserve), {gib(have)} available now"

@@ -137,11 +137,7 @@ def ensure_checkpoint(directory: Path, config: Dict[str, Any], plan: Plan, log: 
         if written == plan.quantization_config():
             return directory
         log(f"{directory}: quantized differently from the plan; generating it again")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(directory.parent).free
-    if free < plan.weight_bytes * 1.05:
-        raise SystemExit(f"{directory}: the checkpoint needs {plan.weight_bytes / 2**30:.2f} GiB of disk, "
-                         f"{free / 2**30:.2f} GiB free (set MLX_QWENMOE_BENCH_CACHE to another disk)")
+    require_resources(memory=0, disk=plan.weight_bytes + (1 << 30), where=directory)
     log(f"generating {plan.weight_bytes / 2**30:.2f} GiB of random weights in {directory} ...")
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
     try:
@@ -278,3 +274,19 @@ def cache_state(cache: Sequence[Any]) -> List[Any]:
     return [c.state for c in cache]
 
 
+
+
+def require_resources(memory: int, disk: int, where: Path) -> Path:
+    """Create ``where`` (a benchmark's output or cache folder) and stop with one clear line when
+    the machine has less than ``memory`` bytes available or ``where`` less than ``disk`` bytes free."""
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create {where}: {e.strerror or e}") from None
+    have_memory, have_disk = available_bytes(), shutil.disk_usage(where).free
+    GiB = 1 << 30
+    if have_memory < memory:
+        raise SystemExit(f"needs {memory / GiB:.2f} GiB of memory, {have_memory / GiB:.2f} GiB available now")
+    if have_disk < disk:
+        raise SystemExit(f"needs {disk / GiB:.2f} GiB of disk in {where}, {have_disk / GiB:.2f} GiB free")
+    return where

@@ -27,10 +27,11 @@ from .plan import BITS, DEFAULT_CONTEXT, DEFAULT_RESERVE, DTYPES, GROUP_SIZES
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="Float dtype of unquantized tensors, scales and biases. [default: the config's]")
 @click.option("--dry-run", is_flag=True, help="Print the plan only; SRC may be a config.json or a repo id (no weights fetched).")
-@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists (an empty or model directory only).")
+@click.option("--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
 def convert_command(
     src: str, dst: Optional[str], bits: Optional[str], group_size: str, fit: Optional[str], context: int,
-    reserve: str, dtype: Optional[str], dry_run: bool, force: bool,
+    reserve: str, dtype: Optional[str], dry_run: bool, force: bool, quiet: bool,
 ) -> None:
     """Quantize the Hugging Face checkpoint SRC (directory or repo id) into the mlx-lm directory DST.
 
@@ -47,4 +48,5 @@ def convert_command(
     convert(
         src, dst, bits=int(bits or 4), group_size=int(group_size), fit=fit, context=context,
         reserve=parse_size(reserve, "--reserve"), dtype=dtype, dry_run=dry_run, force=force, log=click.echo,
+        progress=not quiet and sys.stderr.isatty(),
     )

@@ -11,13 +11,19 @@ GiB = 1 << 30
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": GiB, "t": 1 << 40}
 
 
-def parse_size(text: str, option: str = "size") -> int:
+MAX_SIZE = 1 << 50  # 1 PiB: past any machine, so a larger size is a typo
+
+
+def parse_size(text: str, option: str = "size", *, unit_required: bool = False) -> int:
     """Bytes in '24GB', '24G', '24GiB', '512MB', '0': units are binary, as Apple's RAM sizes are
-    (a "24 GB" Mac has 24 GiB)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"{option} {text!r}: expected a size such as 24GB, 512MB or 64GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    (a "24 GB" Mac has 24 GiB). ``unit_required``: a bare number ('24') is refused, not bytes."""
+    m = re.fullmatch(r"\s*(\d{1,20}(?:\.\d{1,20})?)\s*([kmgt]?)((?:i?b)?)\s*", str(text), re.IGNORECASE)
+    if not m or (unit_required and not (m.group(2) or m.group(3))):
+        raise ConfigError(f"{option} {text!r}: expected a size with a unit, such as 24GB, 512MB or 64GiB")
+    size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if size > MAX_SIZE:
+        raise ConfigError(f"{option} {text!r}: more than 1 PiB; expected a size such as 24GB")
+    return int(size)
 
 
 def working_set_limit(ram_bytes: int) -> int:

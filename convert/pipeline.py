@@ -9,29 +9,28 @@ DST that is renamed to DST only once complete.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 import json
-import os
 import re
 import shutil
-import tempfile
-import uuid
+import sys
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.utils import save_config
+from tqdm import tqdm
 
 from mlx_qwenmoe.checkpoint import hf_to_mlx, layer_groups, per_expert_key, rows_independent
 from mlx_qwenmoe.config import ModelArgs, quantization_of, read_config
 from mlx_qwenmoe.errors import CheckpointError, ConfigError, ModelNotFoundError, OutputError
+from mlx_qwenmoe.hub import fetch_file
 from mlx_qwenmoe.loading import HUB_PATTERNS, resolve_model_path
 
-from .memory import GiB
+from .destination import check_destination, check_overwrite, describe_bytes, staging
 from .plan import DEFAULT_CONTEXT, DEFAULT_RESERVE, Plan, plan_conversion
 from .source import SourceTensor, source_tensors
 from .writer import MAX_SHARD_BYTES, ShardWriter
@@ -57,12 +56,14 @@ def convert(
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     log: Log = lambda _line: None,
+    progress: bool = False,
 ) -> Plan:
     """Convert ``src`` (local directory or Hub repo id) into mlx-lm's format at ``dst``; returns the plan.
 
     ``dry_run``: only plan (and ``log`` the plan); ``src`` may then also be a config.json file,
     or a Hub repo id of which only config.json is fetched. See ``plan_conversion`` for the
-    recipe options. ``dst`` is replaced only with ``force``.
+    recipe options. ``dst`` is replaced only with ``force``. ``progress`` shows a bar on stderr
+    (bytes of the source done, rate, ETA).
     """
     if dry_run:
         config, tensors, where = _dry_run_source(src)
@@ -76,10 +77,8 @@ def convert(
         if dst is None:
             raise OutputError("convert: give DST (or --dry-run)")
         dst = Path(dst).expanduser()
-        if dst.exists() and not force:
-            raise OutputError(f"{dst}: already exists (use --force to replace it)")
-        if not dst.parent.is_dir():
-            raise OutputError(f"{dst}: parent directory {dst.parent} does not exist")
+        check_destination(model_dir, dst)
+        check_overwrite(dst, force)
         tensors = source_tensors(model_dir)
     mtp_layers = _mtp_layers(tensors) if tensors is not None else None
     plan = plan_conversion(config, bits=bits, group_size=group_size, fit=fit, context=context, reserve=reserve,
@@ -88,11 +87,13 @@ def convert(
     if dry_run:
         return plan
     args = ModelArgs.from_config(config, source=where)
-    with _staging(dst, force, plan.weight_bytes) as tmp:
-        _write_weights(tmp, plan, tensors, args, max_shard_bytes, log)
+    with staging(dst, force, plan.weight_bytes) as tmp:
+        with tqdm(total=sum(t.nbytes for t in tensors.values()), unit="B", unit_scale=True, unit_divisor=1024,
+                  desc="converting", disable=not progress, file=sys.stderr, leave=False) as bar:
+            _write_weights(tmp, plan, tensors, args, max_shard_bytes, log if not progress else bar.write, bar)
         _write_config(tmp / "config.json", config, args, plan)
         _copy_side_files(model_dir, tmp)
-    log(f"wrote {plan.weight_bytes / GiB:.3f} GiB of weights to {dst}")
+    log(f"wrote {describe_bytes(plan.weight_bytes)} of weights to {dst}")
     return plan
 
 
@@ -103,12 +104,7 @@ def _dry_run_source(src: Union[str, Path]) -> Tuple[dict, Optional[Dict[str, Sou
         has_weights = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
         return read_config(path), source_tensors(path) if has_weights else None, str(path / "config.json")
     if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = Path(hf_hub_download(str(src), "config.json", etag_timeout=10))
-        except Exception as e:  # noqa: BLE001  every Hub failure is one line for the user
-            raise ModelNotFoundError(f"{src}: cannot fetch config.json ({type(e).__name__})") from None
+        path = fetch_file(str(src), "config.json")
     if not path.is_file():
         raise ModelNotFoundError(f"{src}: not a model directory, config file or Hugging Face repo id")
     try:
@@ -125,39 +121,15 @@ def _mtp_layers(tensors: Dict[str, SourceTensor]) -> int:
     return max(layers) + 1 if layers else 0
 
 
-@contextlib.contextmanager
-def _staging(dst: Path, force: bool, nbytes: int) -> Iterator[Path]:
-    """A hidden directory beside ``dst``, renamed to ``dst`` on success and removed on any failure."""
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    except OSError as e:
-        raise OutputError(f"{dst}: cannot write in {dst.parent} ({e.strerror or e})") from None
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become DST's mode
-        free = shutil.disk_usage(tmp).free
-        if free < nbytes:
-            raise OutputError(f"{dst}: {nbytes / GiB:.2f} GiB needed but {free / GiB:.2f} GiB free on its disk")
-        yield tmp
-        if dst.exists() or dst.is_symlink():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _write_weights(
-    out_dir: Path, plan: Plan, tensors: Dict[str, SourceTensor], args: ModelArgs, max_shard_bytes: int, log: Log
+    out_dir: Path, plan: Plan, tensors: Dict[str, SourceTensor], args: ModelArgs, max_shard_bytes: int, log: Log,
+    bar: tqdm,
 ) -> None:
     # A checkpoint already in MLX's conv layout already carries its +1 norm offsets (as in Model.sanitize).
     from_hf = any(k.endswith("conv1d.weight") and t.shape[-1] != 1 for k, t in tensors.items())
     writer = ShardWriter(out_dir, [o for t in plan.tensors for o in t.outputs], max_shard_bytes)
     try:
-        emit = _Emitter(plan, writer)
+        emit = _Emitter(plan, writer, bar)
         for group, names in layer_groups(tensors).items():
             log(f"converting {group}")
             singles, experts = _units(names, args)
@@ -199,6 +171,7 @@ def _convert_rows(tensor: SourceTensor, args: ModelArgs, from_hf: bool, emit: "_
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         chunk = tensor.read(start, stop) if tensor.shape else tensor.read()
+        emit.bar.update((stop - start) * tensor.row_bytes if tensor.shape else tensor.nbytes)
         for name, value in hf_to_mlx({tensor.name: chunk}, args, from_hf=from_hf).items():
             emit(name, value, start)
 
@@ -211,6 +184,7 @@ def _convert_experts(prefix: str, proj: str, per_expert: List[SourceTensor], arg
     for start in range(0, len(per_expert), step):
         chunk = per_expert[start : start + step]
         inputs = {pattern.sub(f".experts.{i}.", t.name): t.read() for i, t in enumerate(chunk)}
+        emit.bar.update(sum(t.nbytes for t in chunk))
         for name, value in hf_to_mlx(inputs, replace(args, num_experts=len(chunk)), from_hf=from_hf).items():
             emit(name, value, start)
 
@@ -218,8 +192,8 @@ def _convert_experts(prefix: str, proj: str, per_expert: List[SourceTensor], arg
 class _Emitter:
     """Casts, quantizes as planned and writes rows of a mapped tensor."""
 
-    def __init__(self, plan: Plan, writer: ShardWriter):
-        self.plan, self.writer = plan, writer
+    def __init__(self, plan: Plan, writer: ShardWriter, bar: tqdm):
+        self.plan, self.writer, self.bar = plan, writer, bar
 
     def __call__(self, name: str, value: mx.array, row: int) -> None:
         if name not in self.plan:

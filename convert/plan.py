@@ -262,7 +262,7 @@ def plan_conversion(
         return Plan(bits=bits, group_size=group_size, tensors=build(lambda _u: recipe),
                     recipe=f"{bits}-bit, group {group_size}", **common)
 
-    ram = parse_size(fit, "--fit") if isinstance(fit, str) else int(fit)
+    ram = parse_size(fit, "--fit", unit_required=True) if isinstance(fit, str) else int(fit)
     budget = working_set_limit(ram) - cache - reserve_bytes
     tiers = _fit_tiers(params, dtype, build, budget)
     if tiers is None:

@@ -15,7 +15,7 @@ from jinja2 import TemplateError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from .errors import CheckpointError, ModelNotFoundError
+from .errors import CheckpointError, ModelNotFoundError, QwenMoeError
 from .loading import load_model, resolve_model_path
 from .model import Model
 
@@ -82,8 +82,23 @@ def load(
         budget = max_resident if isinstance(max_resident, int) else parse_size(max_resident, "max_resident")
         stream_experts(model, model_dir, budget, prefetch=prefetch_experts)
         mx.eval(model.parameters())
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=eos_token_ids(model_dir, config))
+    tokenizer = _load_tokenizer(model_dir, config)
+    size = len(tokenizer._tokenizer)
+    if size > model.args.vocab_size:
+        raise CheckpointError(
+            f"{model_dir}: the tokenizer has {size} tokens but the model's vocab_size is {model.args.vocab_size}"
+        )
     return model, tokenizer
+
+
+def _load_tokenizer(model_dir: Path, config: Dict[str, Any]) -> TokenizerWrapper:
+    try:
+        return load_tokenizer(model_dir, eos_token_ids=eos_token_ids(model_dir, config))
+    except QwenMoeError:
+        raise
+    except Exception as e:  # noqa: BLE001  transformers and tokenizers raise many types for bad files
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{model_dir}: the tokenizer cannot be loaded ({detail})") from None
 
 
 def _render(
@@ -115,7 +130,10 @@ def chat_prompt(
     """Token ids of ``messages`` rendered with the chat template, ending with the assistant's
     turn opened. ``enable_thinking`` (Qwen3.5's thinking switch) None: mlx-lm's default,
     on when the vocabulary has think tags."""
-    text = _render(tokenizer, messages, True, enable_thinking, None, {})
+    try:
+        text = _render(tokenizer, messages, True, enable_thinking, None, {})
+    except TemplateError as e:
+        raise CheckpointError(f"the checkpoint's chat template fails ({type(e).__name__}: {e})".splitlines()[0]) from None
     return tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -124,6 +124,13 @@ def _stack_experts(groups: Dict[Tuple[str, str], Dict[int, Any]], num_experts: i
                 f"tensor {prefix}.experts.{missing[0]}.{proj}.weight is missing "
                 f"({len(per_expert)} of {num_experts} experts of {prefix} present)"
             )
+        shape = tuple(per_expert[0].shape)
+        odd = next((e for e in range(num_experts) if tuple(per_expert[e].shape) != shape), None)
+        if odd is not None:
+            raise CheckpointError(
+                f"tensor {prefix}.experts.{odd}.{proj}.weight has shape {tuple(per_expert[odd].shape)}, "
+                f"expert 0's is {shape}"
+            )
         out[f"{prefix}.switch_mlp.{proj}.weight"] = _stack([per_expert[e] for e in range(num_experts)])
     return out
 
@@ -138,10 +145,14 @@ def hf_to_mlx(weights: Dict[str, Any], args: ModelArgs, *, from_hf: bool) -> Dic
     """
     out: Dict[str, Any] = {}
     experts: Dict[Tuple[str, str], Dict[int, Any]] = defaultdict(dict)
+    spelled: Dict[str, str] = {}
     for key, value in weights.items():
         if is_vision_key(key):
             continue
-        key = rename(key)
+        source, key = key, rename(key)
+        if key in spelled:  # e.g. model.layers.0.x and model.language_model.layers.0.x: one would silently win
+            raise CheckpointError(f"tensors {spelled[key]} and {source} are the same parameter")
+        spelled[key] = source
         if m := _PER_EXPERT.match(key):
             experts[(m.group(1), m.group(3))][int(m.group(2))] = value
         elif m := _FUSED_GATE_UP.match(key):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import math
+import os
 import sys
+import warnings
 from typing import Optional, Tuple
 
 import click
@@ -11,13 +15,75 @@ from .errors import QwenMoeError
 
 
 class _Group(click.Group):
-    """Report our errors (bad file, tensor, option) as one line and exit 2, like click's usage errors."""
+    """Report our errors (bad file, tensor, option) as one line and exit 2, like click's usage errors;
+    Ctrl-C exits 130 and a full or closed stdout exits 1, each without a traceback."""
+
+    def list_commands(self, ctx: click.Context):
+        return sorted([*super().list_commands(ctx), "convert"])
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name == "convert":  # the converter lives in its own package; imported only when asked for
+            from mlx_qwenmoe.convert.cli import convert_command
+
+            return convert_command
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except QwenMoeError as e:
             raise click.UsageError(str(e)) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("\ninterrupted\n")
+            sys.exit(130)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT):
+                raise
+            _quiet_stdout()
+            click.echo(f"Error: cannot write the output ({e.strerror})", err=True)
+            sys.exit(1)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of a failed stdout raises nothing."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+class _Finite(click.FloatRange):
+    """A float range that also refuses nan and infinities (which pass FloatRange's comparisons)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def _read_prompt(prompt: Optional[str]) -> str:
+    """The prompt from --prompt or stdin, as valid text."""
+    where = "--prompt"
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise click.UsageError("give --prompt or pipe the prompt on stdin")
+        where = "stdin"
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError:
+            prompt = "\udcff"  # reported below, as the surrogate-escaped case is
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates
+        raise click.UsageError(f"{where}: the prompt is not valid UTF-8 text") from None
+    if not prompt:
+        raise click.UsageError("--prompt: the prompt is empty")
+    return prompt
+
+
+def _show_warning(message, *_args, **_kwargs) -> None:
+    click.echo(f"Warning: {message}", err=True)
 
 
 @click.group(cls=_Group)
@@ -30,12 +96,12 @@ def main() -> None:
 @click.option("--model", "model_path", default=None, help="Model directory or Hugging Face repo id. [default: the bundled demo model]")
 @click.option("--prompt", default=None, help="Prompt text; omitted or '-' reads it from stdin.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True, help="Nucleus sampling; 1 keeps every token.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 keeps every token.")
-@click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True, help="Drop tokens below this fraction of the top probability.")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Penalty on the last 20 tokens, e.g. 1.1.")
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--temp", type=_Finite(min=0.0), default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", type=_Finite(0.0, 1.0), default=1.0, show_default=True, help="Nucleus sampling; 1 keeps every token.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 (or the vocabulary size or more) keeps every token.")
+@click.option("--min-p", type=_Finite(0.0, 1.0), default=0.0, show_default=True, help="Drop tokens below this fraction of the top probability.")
+@click.option("--repetition-penalty", type=_Finite(min=0.0, min_open=True), default=None, help="Penalty on the last 20 tokens, e.g. 1.1.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Random seed for sampling.")
 @click.option("--chat/--no-chat", default=None, help="Apply the checkpoint's chat template. [default: when it has one]")
 @click.option("--think/--no-think", default=None, help="Qwen3.5 thinking switch (enable_thinking) of the chat template.")
 @click.option("--system", default=None, help="System message (chat mode).")
@@ -49,6 +115,7 @@ def main() -> None:
 @click.option("--verbose", is_flag=True, help="Also print expert-streaming stats (hit rate, bytes read per token, prefetch accuracy).")
 @click.option("--prompt-cache", "prompt_cache_file", type=click.Path(dir_okay=False), default=None, help="Prompt cache file: reused if it exists, updated after the run.")
 @click.option("--prompt-cache-bytes", type=click.IntRange(min=1), default=None, help="Prompt cache budget in bytes. [default: a quarter of the free memory]")
+@click.option("--quiet", is_flag=True, help="No prefill progress (there is none when stderr is not a terminal).")
 def generate_command(
     model_path: Optional[str],
     prompt: Optional[str],
@@ -71,6 +138,7 @@ def generate_command(
     verbose: bool,
     prompt_cache_file: Optional[str],
     prompt_cache_bytes: Optional[int],
+    quiet: bool,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; the stats line goes to stderr."""
     import mlx.core as mx
@@ -79,15 +147,13 @@ def generate_command(
     from .api import chat_prompt_with_boundaries
     from .generate import format_stats, stream_generate
 
-    if prompt is None or prompt == "-":
-        if sys.stdin.isatty():
-            raise click.UsageError("give --prompt or pipe the prompt on stdin")
-        prompt = sys.stdin.read()
-    if not prompt:
-        raise click.UsageError("--prompt: the prompt is empty")
+    prompt = _read_prompt(prompt)
+    warnings.showwarning = _show_warning
     model, tokenizer = load_streamed(model_path, max_resident, prefetch_experts)
     if mtp and not model.has_mtp:
         raise click.UsageError("--mtp: the checkpoint has no MTP head (no mtp.* tensors)")
+    if top_k >= model.args.vocab_size:
+        top_k = 0  # keeping at least every token is keeping all of them
     prompt_cache, boundaries = _open_prompt_cache(prompt_cache_file, prompt_cache_bytes, model), []
     if chat is None:
         chat = tokenizer.has_chat_template
@@ -128,6 +194,7 @@ def generate_command(
         mtp_stats=mtp_stats,
         prompt_cache=prompt_cache,
         boundaries=boundaries,
+        prefill_progress=not quiet and sys.stderr.isatty(),
     ):
         click.echo(response.text, nl=False)
     click.echo()
@@ -262,12 +329,6 @@ def _read_line(_prompt: str) -> str:
     if not line:
         raise EOFError
     return line.rstrip("\n")
-
-
-from mlx_qwenmoe.convert.cli import convert_command  # noqa: E402  the converter lives in its own package
-
-main.add_command(convert_command, name="convert")
-
 
 # --- doctor: kernel checks and timings for bug reports ---------------------------------
 @main.command("doctor")

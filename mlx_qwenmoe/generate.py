@@ -7,7 +7,10 @@ the token history), so code written against mlx-lm's API runs against ours.
 
 from __future__ import annotations
 
+import operator
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -17,6 +20,9 @@ from mlx_lm.generate import GenerationResponse as _MlxLmResponse
 from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+from tqdm import tqdm
+
+from .model import check_token_ids
 
 from .sampling import LogitsProcessor, Sampler, log_probs
 
@@ -31,6 +37,9 @@ __all__ = [
     "prefill",
     "stream_generate",
 ]
+
+
+PROGRESS_MIN_TOKENS = 4096  # shorter prompts are done before a bar would be read
 
 
 @dataclass
@@ -64,20 +73,26 @@ def prefill(
     prefill_step_size: int = 2048,
     checkpoints: Iterable[int] = (),
     on_checkpoint: Optional[CheckpointHook] = None,
+    progress: bool = False,
 ) -> None:
     """Run ``tokens`` (1-D) into ``cache``, ``prefill_step_size`` tokens at a time.
 
     Only the hidden states are asked for, and evaluating the cache state after each chunk
     lets MLX free that chunk's activations, so peak memory is the caches plus one chunk
     whatever the prompt length. Chunks also end at each of ``checkpoints`` (positions in
-    ``tokens``); ``on_checkpoint(end, last_hidden)`` is called at every chunk end.
+    ``tokens``); ``on_checkpoint(end, last_hidden)`` is called at every chunk end. ``progress``
+    shows a bar on stderr for prompts of at least ``PROGRESS_MIN_TOKENS`` tokens.
     """
-    for start, end in chunk_spans(tokens.size, prefill_step_size, checkpoints):
-        hidden = model.hidden(tokens[None, start:end], cache)
-        mx.eval([c.state for c in cache])
-        if on_checkpoint is not None:
-            on_checkpoint(end, hidden[:, -1:])
-        mx.clear_cache()
+    spans = chunk_spans(tokens.size, prefill_step_size, checkpoints)
+    show = progress and tokens.size >= PROGRESS_MIN_TOKENS
+    with tqdm(total=tokens.size, unit="tok", desc="prefill", disable=not show, file=sys.stderr, leave=False) as bar:
+        for start, end in spans:
+            hidden = model.hidden(tokens[None, start:end], cache)
+            mx.eval([c.state for c in cache])
+            if on_checkpoint is not None:
+                on_checkpoint(end, hidden[:, -1:])
+            mx.clear_cache()
+            bar.update(end - start)
 
 
 def generate_step(
@@ -92,6 +107,7 @@ def generate_step(
     checkpoints: Iterable[int] = (),
     on_checkpoint: Optional[CheckpointHook] = None,
     context: Optional[mx.array] = None,
+    prefill_progress: bool = False,
 ) -> Iterator[Tuple[int, mx.array]]:
     """Yield up to ``max_tokens`` (token, log-probabilities over the vocabulary) pairs.
 
@@ -102,6 +118,7 @@ def generate_step(
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError(f"prompt must be a non-empty 1-D array of token ids, got shape {tuple(prompt.shape)}")
+    check_token_ids(prompt, model.args.vocab_size)
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
     sampler = sampler or greedy_sampler
@@ -109,10 +126,12 @@ def generate_step(
     history = prompt if context is None else mx.concatenate([context, prompt])
 
     def step(tokens: mx.array) -> Tuple[mx.array, mx.array]:
-        logprobs = log_probs(model(tokens[None], cache=cache)[:, -1, :], history, logits_processors or ())
+        # Sampled ids are in the vocabulary by construction: no per-token check (it would sync).
+        logits = model.logits(model.hidden(tokens[None], cache))[:, -1, :]
+        logprobs = log_probs(logits, history, logits_processors or ())
         return sampler(logprobs), logprobs.squeeze(0)
 
-    prefill(model, prompt[:-1], cache, prefill_step_size, checkpoints, on_checkpoint)
+    prefill(model, prompt[:-1], cache, prefill_step_size, checkpoints, on_checkpoint, prefill_progress)
     y, logprobs = step(prompt[-1:])
     mx.async_eval(y, logprobs)
     for n in range(max_tokens):
@@ -194,9 +213,18 @@ class TokenText:
 def _prompt_ids(tokenizer: TokenizerWrapper, prompt: Union[str, Sequence[int], mx.array]) -> mx.array:
     if isinstance(prompt, mx.array):
         return prompt
+    if isinstance(prompt, (bytes, bytearray)):
+        raise ValueError("prompt must be text (str) or token ids, not bytes")
     if isinstance(prompt, str):
         prompt = prompt_token_ids(tokenizer, prompt)
-    return mx.array(list(prompt), dtype=mx.uint32)
+    try:
+        ids = [operator.index(t) for t in prompt]
+    except TypeError:
+        raise ValueError("prompt must be text or a sequence of integer token ids") from None
+    bad = next((t for t in ids if not 0 <= t < 2**31), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary")
+    return mx.array(ids, dtype=mx.uint32)
 
 
 def stream_generate(
@@ -215,6 +243,7 @@ def stream_generate(
     mtp_stats: Optional[Any] = None,
     prompt_cache: Optional[Any] = None,
     boundaries: Sequence[int] = (),
+    prefill_progress: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Yield one ``GenerationResponse`` per generated token, the last with ``finish_reason``
     "stop" (an EOS token of the checkpoint or a ``stop`` string) or "length".
@@ -228,12 +257,21 @@ def stream_generate(
     token offsets where chat messages begin (``api.chat_prompt_with_boundaries``), where it
     also keeps a checkpoint. Each response's ``cached_tokens`` says how many prompt tokens
     it supplied.
+    ``prefill_progress``: a progress bar on stderr for long prompts (without ``mtp``).
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     prompt = _prompt_ids(tokenizer, prompt)
+    check_token_ids(prompt, model.args.vocab_size)
+    limit = model.args.max_position_embeddings
+    if prompt.size + max_tokens > limit:
+        warnings.warn(
+            f"the prompt ({prompt.size} tokens) plus max_tokens ({max_tokens}) run past the model's "
+            f"max_position_embeddings ({limit}); output beyond it may degrade",
+            stacklevel=2,
+        )
     options = dict(
         max_tokens=max_tokens,
         sampler=sampler,
@@ -254,7 +292,8 @@ def stream_generate(
 
         tokens = mtp_generate_step(prompt, model, draft_tokens=draft_tokens, stats=mtp_stats, **options)
     else:
-        tokens = ((t, lp, False) for t, lp in generate_step(prompt, model, cache=cache, **options))
+        tokens = ((t, lp, False) for t, lp in generate_step(
+            prompt, model, cache=cache, prefill_progress=prefill_progress, **options))
     try:
         yield from _responses(tokenizer, tokens, prompt.size, cached, max_tokens, stop, model)
     finally:

@@ -8,7 +8,6 @@ checked against the model's parameters before ``load_weights``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from pathlib import Path
@@ -19,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import infer_quant_config
 
+from . import hub
 from .checkpoint import is_vision_key, keeps_float32, rename
 from .config import ModelArgs, quantization_of, read_config
 from .errors import CheckpointError, ModelNotFoundError
@@ -34,29 +34,23 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tik
 def resolve_model_path(path_or_repo: str) -> Path:
     """A local model directory, or the snapshot of a Hugging Face repo (safetensors only).
 
-    Honours ``HF_HUB_OFFLINE``; an unreachable Hub is a one-line ``ModelNotFoundError``.
+    Honours ``HF_HUB_OFFLINE``; an unreachable or stalled Hub is a one-line ``ModelNotFoundError``
+    (see ``hub.py`` for the deadline).
     """
+    if not str(path_or_repo).strip():
+        raise ModelNotFoundError("the model path is empty")
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
     if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
-        raise ModelNotFoundError(f"--model {path_or_repo}: not a model directory or a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(path_or_repo, allow_patterns=HUB_PATTERNS, etag_timeout=10))
-    except LocalEntryNotFoundError:
-        raise ModelNotFoundError(
-            f"--model {path_or_repo}: not in the local Hugging Face cache and the Hub is unreachable"
-            f"{' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}"
-        ) from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelNotFoundError(f"--model {path_or_repo}: cannot download ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise ModelNotFoundError(f"{path_or_repo}: no such model directory (nor a Hugging Face repo id)")
+    return hub.snapshot(str(path_or_repo), HUB_PATTERNS)
 
 
 def check_safetensors(path: Path) -> Dict[str, dict]:
     """The header of a safetensors file, after checking it describes the bytes actually there."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a safetensors file (not a regular file)")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -67,7 +61,7 @@ def check_safetensors(path: Path) -> Dict[str, dict]:
             raise CheckpointError(f"{path}: not a safetensors file (header length {n} exceeds the file)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
@@ -75,22 +69,34 @@ def check_safetensors(path: Path) -> Dict[str, dict]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name}: malformed header entry") from None
-        if dtype not in _DTYPE_BYTES:
-            raise CheckpointError(f"{path}: tensor {name}: unsupported dtype {dtype}")
-        count = 1
-        for d in shape:
-            count *= d
-        if end - start != count * _DTYPE_BYTES[dtype] or start < 0:
-            raise CheckpointError(f"{path}: tensor {name}: header size does not match shape {shape} {dtype}")
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {name} ends at byte {end} but the file holds {data_size} data bytes"
-            )
+        _check_entry(path, name, info, data_size)
     return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entry(path: Path, name: str, info: object, data_size: int) -> None:
+    """One tensor's header entry: known dtype, a shape of counts, offsets spanning exactly its bytes."""
+    name = name if name.isprintable() else repr(name)  # an error message stays one line
+    try:
+        dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: tensor {name}: malformed header entry") from None
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        raise CheckpointError(f"{path}: tensor {name}: unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(map(_is_count, shape)) or not (_is_count(start) and _is_count(end)):
+        raise CheckpointError(f"{path}: tensor {name}: malformed header entry")
+    count = 1
+    for d in shape:
+        count *= d
+    if end - start != count * _DTYPE_BYTES[dtype]:
+        raise CheckpointError(f"{path}: tensor {name}: header size does not match shape {shape} {dtype}")
+    if end > data_size:
+        raise CheckpointError(
+            f"{path}: truncated: tensor {name} ends at byte {end} but the file holds {data_size} data bytes"
+        )
 
 
 def weight_files(model_dir: Path) -> list:
@@ -98,11 +104,13 @@ def weight_files(model_dir: Path) -> list:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object)") from None
-        files = sorted(set(weight_map.values()))
         for name in files:
+            if not isinstance(name, str) or Path(name).name != name:
+                raise CheckpointError(f"{index}: lists {name!r}, which is not a file name")
             if not (model_dir / name).exists():
                 raise CheckpointError(f"{index}: lists {name}, which is not in {model_dir}")
         return [model_dir / f for f in files]
@@ -125,6 +133,8 @@ def read_weights(model_dir: Path) -> Tuple[Dict[str, mx.array], Dict[str, Path]]
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot be read ({e})") from None
         for k in names:
+            if k in weights:
+                raise CheckpointError(f"{path}: tensor {k} is also in {origin[k].name}")
             weights[k] = arrays[k]
             origin[k] = path
     return weights, origin
@@ -166,7 +176,8 @@ def _quantize(model: Model, config: dict, weights: Dict[str, mx.array]) -> None:
     def predicate(path: str, module: nn.Module):
         if isinstance(quantization.get(path), dict):
             return quantization[path]
-        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+        # Without its weight mlx-lm's inference would raise KeyError: report it as missing instead.
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights or f"{path}.weight" not in weights:
             return False
         return infer_quant_config(path, module, weights)
 
@@ -201,6 +212,8 @@ def _experts_float32_on_cpu(weights: Dict[str, mx.array]) -> Dict[str, mx.array]
 
 def load_model(model_dir: Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Tuple[Model, dict]:
     """Build ``Model`` from a local directory and load its weights; returns (model, config dict)."""
+    if dtype is not None and dtype not in (mx.float16, mx.bfloat16, mx.float32):
+        raise ValueError(f"dtype {dtype}: expected mx.float16, mx.bfloat16 or mx.float32")
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     args = ModelArgs.from_config(config, source=str(model_dir / "config.json"))

@@ -278,6 +278,19 @@ class MTPHead(nn.Module):
         return self.norm(h)
 
 
+def check_token_ids(inputs: mx.array, vocab_size: int) -> None:
+    """Raise ``ValueError`` unless ``inputs`` is a non-empty integer array of ids in [0, vocab_size):
+    MLX's embedding lookup does not check, and an id past the table reads foreign memory."""
+    if not isinstance(inputs, mx.array) or not mx.issubdtype(inputs.dtype, mx.integer):
+        raise ValueError(f"token ids must be an integer mx.array, got {getattr(inputs, 'dtype', type(inputs).__name__)}")
+    if inputs.size == 0:
+        raise ValueError(f"token ids must not be empty (shape {tuple(inputs.shape)})")
+    low, high = mx.min(inputs).item(), mx.max(inputs).item()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+
+
 class Model(nn.Module):
     """The causal LM: ``model(inputs, cache=...)`` returns logits, as in mlx-lm."""
 
@@ -292,6 +305,9 @@ class Model(nn.Module):
     def __call__(
         self, inputs: mx.array, cache: Optional[List[Any]] = None, input_embeddings: Optional[mx.array] = None
     ) -> mx.array:
+        """Logits; ``inputs`` are checked against the vocabulary (``hidden`` trusts its caller)."""
+        if input_embeddings is None:
+            check_token_ids(inputs, self.args.vocab_size)
         return self.language_model.logits(self.hidden(inputs, cache, input_embeddings))
 
     def hidden(

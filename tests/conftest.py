@@ -17,3 +17,12 @@ import mlx_qwenmoe  # noqa: E402,F401
 # barrier some threads have already left, or a device-memory read of another SIMD-group's write
 # without a mem_device barrier is an error) on one shuffled schedule.
 STRICT_EMU = dict(strict=True, shuffle=True, seed=12)
+# Property-based tests (test_fuzz_*.py): a fixed budget and seed in CI, as long as you like with
+# MLX_QWENMOE_FUZZ=long (e.g. MLX_QWENMOE_FUZZ=long HYPOTHESIS_MAX_EXAMPLES=200000).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "20000")),
+                          derandomize=False, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("long" if os.environ.get("MLX_QWENMOE_FUZZ") == "long" else "ci")

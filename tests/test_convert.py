@@ -148,7 +148,7 @@ def test_plan_fallback_rule():
     """Inputs the group does not divide take the largest smaller group that does, else stay float."""
     config = {"model_type": "qwen3_5_moe_text", **{k: v for k, v in json.loads(
         (Path(__file__).parent / "fixtures" / "qwen3_5_35b_a3b_config.json").read_text())["text_config"].items()}}
-    config.update(hidden_size=48, num_hidden_layers=4, layer_types=None, full_attention_interval=4, num_experts=4,
+    config.update(hidden_size=48, num_hidden_layers=4, layer_types=None, full_attention_interval=4, num_experts=4, num_experts_per_tok=2,
                   moe_intermediate_size=96, shared_expert_intermediate_size=64, vocab_size=64, mtp_num_hidden_layers=0,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=32, linear_num_key_heads=1,
                   linear_num_value_heads=2, linear_key_head_dim=32, linear_value_head_dim=32)

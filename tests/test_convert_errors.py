@@ -49,6 +49,7 @@ def _shard(src: Path) -> Path:
     ("truncated", CheckpointError, "truncated"),
     ("missing_field", ConfigError, "missing required field"),
     ("missing_tensor", CheckpointError, "no tensor for"),
+    ("expert_shape", CheckpointError, "layers.1.mlp.experts.3.up_proj.weight has shape"),
 ])
 def test_bad_checkpoint_is_one_line_and_leaves_nothing(src, tmp_path, damage, error, message):
     if damage == "not_safetensors":
@@ -56,6 +57,15 @@ def test_bad_checkpoint_is_one_line_and_leaves_nothing(src, tmp_path, damage, er
     elif damage == "truncated":
         data = _shard(src).read_bytes()
         _shard(src).write_bytes(data[: len(data) - 1000])
+    elif damage == "expert_shape":
+        from safetensors.numpy import load_file, save_file
+
+        name = "model.layers.1.mlp.experts.3.up_proj.weight"
+        for f in src.glob("model-*.safetensors"):
+            tensors = load_file(f)
+            if name in tensors:
+                tensors[name] = tensors[name][:, :32].copy()
+                save_file(tensors, str(f))
     elif damage == "missing_field":
         config = json.loads((src / "config.json").read_text())
         del config["num_experts"]
@@ -86,7 +96,10 @@ def test_existing_dst_needs_force(checkpoint, tmp_path):
     (dst / "keep.txt").write_text("mine")
     with pytest.raises(OutputError, match="--force"):
         convert(checkpoint, dst)
+    with pytest.raises(OutputError, match="not a model directory"):
+        convert(checkpoint, dst, force=True)  # --force replaces only a model directory
     assert _only(dst) == ["keep.txt"]
+    (dst / "config.json").write_text("{}")
     convert(checkpoint, dst, force=True)
     assert "keep.txt" not in _only(dst) and (dst / "model.safetensors").exists()
     assert _only(tmp_path) == ["out"]
