@@ -13,7 +13,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .errors import CheckpointError, ModelNotFoundError
-from .loading import load_model, resolve_model_path
+from .loading import ShardHook, load_model, resolve_model_path
 from .model import Model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -53,14 +53,31 @@ def eos_token_ids(model_dir: Path, config: Dict[str, Any]) -> List[int]:
 
 
 def load(
-    path_or_repo: Optional[Union[str, Path]] = None, *, dtype: Optional[mx.Dtype] = None
+    path_or_repo: Optional[Union[str, Path]] = None,
+    *,
+    dtype: Optional[mx.Dtype] = None,
+    parallel: Optional[str] = None,
 ) -> Tuple[Model, TokenizerWrapper]:
     """(model, tokenizer) from a local directory or a Hugging Face repo id (downloaded with
-    ``huggingface_hub``, honouring ``HF_HUB_OFFLINE``); None loads the bundled demo model."""
+    ``huggingface_hub``, honouring ``HF_HUB_OFFLINE``); None loads the bundled demo model.
+
+    Under ``mlx.launch`` this process loads only its share: ``parallel`` is "expert" (the
+    default), "pipeline" or "expert+pipeline" (see ``mlx_qwenmoe.distributed``)."""
+    from .distributed import world
+
+    group = world()
+    if group is None:
+        return _load(path_or_repo, dtype)
+    from .distributed import load_parallel
+
+    return load_parallel(lambda shard: _load(path_or_repo, dtype, shard), parallel, group)
+
+
+def _load(path_or_repo: Optional[Union[str, Path]], dtype: Optional[mx.Dtype], shard: Optional[ShardHook] = None):
     model_dir = resolve(path_or_repo)
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"{model_dir}: no tokenizer ({', '.join(TOKENIZER_FILES)})")
-    model, config = load_model(model_dir, dtype=dtype)
+    model, config = load_model(model_dir, dtype=dtype, shard=shard)
     tokenizer = load_tokenizer(model_dir, eos_token_ids=eos_token_ids(model_dir, config))
     return model, tokenizer
 

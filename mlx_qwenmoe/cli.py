@@ -43,6 +43,8 @@ def main() -> None:
 @click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True, help="Prompt tokens per forward pass.")
 @click.option("--mtp/--no-mtp", default=False, show_default=True, help="Speculative decoding with the checkpoint's MTP head.")
 @click.option("--draft-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Tokens drafted per step with --mtp.")
+@click.option("--parallel", type=click.Choice(["expert", "pipeline", "expert+pipeline"]), default=None,
+              help="Under mlx.launch: how the ranks split the model. [default: expert]")
 def generate_command(
     model_path: Optional[str],
     prompt: Optional[str],
@@ -60,6 +62,7 @@ def generate_command(
     prefill_step_size: int,
     mtp: bool,
     draft_tokens: int,
+    parallel: Optional[str],
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; the stats line goes to stderr."""
     import mlx.core as mx
@@ -74,7 +77,7 @@ def generate_command(
         prompt = sys.stdin.read()
     if not prompt:
         raise click.UsageError("--prompt: the prompt is empty")
-    model, tokenizer = load(model_path)
+    model, tokenizer = load(model_path, parallel=parallel)
     if chat is None:
         chat = tokenizer.has_chat_template
     if chat:
