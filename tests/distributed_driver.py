@@ -2,7 +2,8 @@
 ``parallel`` mode and writes rank 0's greedy tokens (and routing counts) as JSON.
 
 usage: distributed_driver.py CASES.json OUT.json
-CASES: [{"name", "model", "parallel", "mtp", "prompt": [ids], "max_tokens", "api"}]
+CASES: [{"name", "model", "parallel", "mtp", "prompt": [ids], "max_tokens", "api", "progress"}]
+("progress": rank 0 prints "token N" as each token comes, for the fault test).
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ def run(case: dict) -> dict:
     prompt = mx.array(case["prompt"], dtype=mx.uint32)
     if case.get("mtp"):
         steps = mtp_generate_step(prompt, model, max_tokens=case["max_tokens"], draft_tokens=2)
-        tokens = [t for t, *_ in steps]
     else:
-        tokens = [t for t, _ in generate_step(prompt, model, max_tokens=case["max_tokens"])]
+        steps = generate_step(prompt, model, max_tokens=case["max_tokens"])
+    tokens = []
+    for t, *_ in steps:
+        tokens.append(t)
+        if case.get("progress"):
+            print(f"token {len(tokens)}", flush=True)
     counts = {k: v.tolist() for k, v in model.routing_stats.counts().items()}
     return {"tokens": tokens, "layers": list(model.layout.layers), "routing": counts}
 
