@@ -11,7 +11,6 @@ layer's full expert tensor is read once, cut, and freed before the next.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -19,6 +18,7 @@ from typing import Dict, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from ..convert.source import READABLE, SourceTensor
 from ..loading import check_safetensors
 from ..model import Model
 from .group import checkpoint_digest
@@ -26,8 +26,6 @@ from .experts import ExpertParallelMoe, RoutingStats
 from .layout import Layout, make_layout
 from .stages import install_stages
 
-_NUMPY = {"U32": np.uint32, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8,
-          "I8": np.int8, "I32": np.int32, "U16": np.uint16, "I16": np.int16}
 _LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.")
 
 
@@ -38,17 +36,6 @@ def layer_bytes(weights: Dict[str, mx.array], num_layers: int) -> list:
         if m := _LAYER.match(k):
             sizes[int(m.group(1))] += v.nbytes
     return sizes
-
-
-def read_rows(path: Path, info: dict, data_start: int, lo: int, hi: int) -> mx.array:
-    """Rows ``[lo, hi)`` of a tensor's first axis, read from its byte range in the file."""
-    shape = info["shape"]
-    row = math.prod(shape[1:])
-    dtype = np.dtype(_NUMPY[info["dtype"]])
-    offset = data_start + info["data_offsets"][0] + lo * row * dtype.itemsize
-    data = np.fromfile(path, dtype=dtype, count=(hi - lo) * row, offset=offset).reshape(hi - lo, *shape[1:])
-    out = mx.array(data)
-    return out.view(mx.bfloat16) if info["dtype"] == "BF16" else out
 
 
 class Sharder:
@@ -99,16 +86,16 @@ class Sharder:
         self.ranges[f"{path}"] = (lo, hi)
         return ExpertParallelMoe(block, lo, hi, with_shared, path, self.stats, self.group)
 
-    def _rows(self, key: str, value: mx.array, path, lo: int, hi: int) -> mx.array:
+    def _rows(self, key: str, value: mx.array, path: Optional[Path], lo: int, hi: int) -> mx.array:
         if path is not None:
             if path not in self._headers:
                 with open(path, "rb") as f:
-                    header_len = int.from_bytes(f.read(8), "little")
-                self._headers[path] = (check_safetensors(path), 8 + header_len)
+                    self._headers[path] = (check_safetensors(path), 8 + int.from_bytes(f.read(8), "little"))
             header, start = self._headers[path]
             info = header.get(key)
-            if info is not None and tuple(info["shape"]) == tuple(value.shape) and info["dtype"] in _NUMPY:
-                return read_rows(path, info, start, lo, hi)
+            if info is not None and tuple(info["shape"]) == tuple(value.shape) and info["dtype"] in READABLE:
+                source = SourceTensor(path, key, info["dtype"], tuple(info["shape"]), start + info["data_offsets"][0])
+                return source.read(lo, hi)
         part = mx.contiguous(value[lo:hi])
         mx.eval(part)
         # a copy through numpy, so the slice does not keep the whole stacked tensor alive
