@@ -160,3 +160,30 @@ def test_mismatched_checkpoint_is_refused(tiny):
     output = proc.stdout + proc.stderr
     assert "rank 1's checkpoint differs from rank 0's" in output, output[-3000:]
     assert not (tiny["root"] / "mismatch-out.json").exists()
+
+
+def test_plan_refuses_what_does_not_fit_and_prints_each_rank():
+    from click.testing import CliRunner
+
+    from mlx_qwenmoe.cli import main
+
+    config = str(Path(__file__).parent / "fixtures" / "qwen3_5_397b_a17b_config.json")
+    refused = CliRunner().invoke(main, ["plan", "--model", config, "--hosts", "mac1:128GB,mac2:128GB"])
+    assert refused.exit_code == 1
+    assert "Error: does not fit: rank 0 (mac1) needs" in refused.output
+    assert "working-set limit is 96.00 GiB" in refused.output
+    raised = CliRunner().invoke(main, ["plan", "--model", config, "--hosts", "mac1:128GB@120GB,mac2:128GB@120GB"])
+    assert raised.exit_code == 0, raised.output
+    assert "256-511/512" in raised.output and "60 all_sums of 8192 bytes" in raised.output
+    both = CliRunner().invoke(main, ["plan", "--model", config, "--hosts", "a:128GB,b:128GB,c:128GB,d:128GB",
+                                     "--parallel", "expert+pipeline"])
+    assert both.exit_code == 0, both.output
+    assert "0-29" in both.output and "30-59" in both.output
+
+
+def test_layer_split_follows_capacity():
+    from mlx_qwenmoe.distributed.layout import split_layers
+
+    assert split_layers([1] * 8, [1, 1]) == [(0, 4), (4, 8)]
+    assert split_layers([1] * 8, [3, 1]) == [(0, 6), (6, 8)]
+    assert split_layers([1] * 4, [1, 1, 1, 1]) == [(0, 1), (1, 2), (2, 3), (3, 4)]
