@@ -36,6 +36,8 @@ LAYERS, EXPERTS, VOCAB, DECODE = 8, 16, 8192, 4
 OURS = ("expert", "pipeline", "expert+pipeline")
 MLX_LM = ("mlx-lm shard", "mlx-lm pipeline")
 GiB = 1 << 30
+HEADERS = ["model", "ranks", "split", "full: GiB/rank", "full: KiB sent/token", "reduced: planned GiB/rank",
+           "reduced: resident GiB", "reduced: planned KiB/token", "reduced: measured KiB/token"]
 
 
 def reduced_config(name: str) -> dict:
@@ -138,7 +140,7 @@ def worker(model_dir: Path, modes: List[str], out: Path) -> None:
 
 def planned(config: dict, n: int) -> Dict[str, Dict[str, float]]:
     """Our plan and mlx-lm's analytic figures: max per-rank weight bytes and bytes sent per token."""
-    from mlx_qwenmoe.convert.plan import plan_conversion
+    from mlx_qwenmoe.convert.plan import DTYPES, config_dtype, plan_conversion
     from mlx_qwenmoe.distributed.plan import Host, plan_distributed
 
     hosts = [Host(f"r{i}", 1 << 50, 1 << 50) for i in range(n)]
@@ -153,17 +155,17 @@ def planned(config: dict, n: int) -> Dict[str, Dict[str, float]]:
     d, layers, vocab = text["hidden_size"], text["num_hidden_layers"], text["vocab_size"]
     embed = sum(t.nbytes for t in conv.tensors if t.kind == "embedding")
     norms = sum(t.nbytes for t in conv.tensors if t.kind == "float" and t.unit == "globals")
-    ring = 2 * (n - 1) / n
+    ring, act = 2 * (n - 1) / n, DTYPES[config_dtype(config)]
     # shard(): everything but the embedding and the norms split N ways; per layer one all_sum
     # after the mixer and one after the MoE block, then the vocab-sharded logits gathered.
     rows["mlx-lm shard"] = {"weights": (conv.weight_bytes - embed - norms) / n + embed + norms,
-                            "sent": 2 * layers * ring * d * 2 + (n - 1) / n * vocab * 2}
+                            "sent": 2 * layers * ring * d * act + (n - 1) / n * vocab * act}
     # pipeline(): layers split evenly, globals on every rank; one send per stage, then every
     # rank all_gathers the final hidden state.
     per_layer = (conv.weight_bytes - sum(t.nbytes for t in conv.tensors if t.unit == "globals")) / layers
     rows["mlx-lm pipeline"] = {"weights": per_layer * -(-layers // n) + embed + norms
                                + sum(t.nbytes for t in conv.tensors if t.kind == "head"),
-                               "sent": d * 2 + (n - 1) * d * 2}
+                               "sent": d * act + (n - 1) * d * act}
     return rows
 
 
@@ -178,8 +180,12 @@ def launch(model_dir: Path, n: int, modes: List[str]) -> Dict[str, dict]:
         return json.loads(out.read_text())
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x / GiB:.2f}" if x > 1e8 else f"{x / 2**20:.1f} MiB" if x > 1e5 else f"{x:,.0f}"
+def _gib(x) -> str:
+    return "-" if x is None else f"{x / GiB:.2f}"
+
+
+def _kib(x) -> str:
+    return "-" if x is None else f"{x / 1024:.1f}"
 
 
 def main() -> None:
@@ -209,15 +215,11 @@ def main() -> None:
             plan_full, plan_small = planned(full, n), planned(small, n)
             for mode in modes:
                 m = measured.get(mode, {})
-                rows.append([name, n, mode, _fmt(plan_full[mode]["weights"]), _fmt(plan_full[mode]["sent"]),
-                             _fmt(plan_small[mode]["weights"]), m.get("error") or _fmt(m.get("resident")),
-                             _fmt(plan_small[mode]["sent"]), "" if "error" in m else _fmt(m.get("sent"))])
-            print(table(["model", "ranks", "split", "full: weights/rank GiB", "full: sent/token",
-                         "reduced: planned weights", "reduced: resident", "reduced: planned sent",
-                         "reduced: measured sent"], rows[-len(modes):]), flush=True)
-    print(table(["model", "ranks", "split", "full: weights/rank GiB", "full: sent/token",
-                 "reduced: planned weights", "reduced: resident", "reduced: planned sent",
-                 "reduced: measured sent"], rows))
+                rows.append([name, n, mode, _gib(plan_full[mode]["weights"]), _kib(plan_full[mode]["sent"]),
+                             _gib(plan_small[mode]["weights"]), m.get("error") or _gib(m.get("resident")),
+                             _kib(plan_small[mode]["sent"]), "" if "error" in m else _kib(m.get("sent"))])
+            print(table(HEADERS, rows[-len(modes):]), flush=True)
+    print(table(HEADERS, rows))
 
 
 if __name__ == "__main__":
