@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -89,8 +90,14 @@ def report_failures(rank: int) -> None:
     """
 
     def on_sigterm(signum: int, _frame) -> None:
-        _report(f"rank {rank}: stopped: another rank exited (the launcher's warning names it)")
-        os._exit(128 + signum)
+        _stopped(rank)
+
+    def watch(fd: int) -> None:
+        # Python runs signal handlers only between bytecodes of the main thread, which may be
+        # blocked in a collective; the wakeup fd is written at once, so stop from here.
+        while True:
+            if signal.SIGTERM in os.read(fd, 16):
+                _stopped(rank)
 
     def on_error(kind, error, tb) -> None:
         if issubclass(kind, KeyboardInterrupt):
@@ -106,7 +113,16 @@ def report_failures(rank: int) -> None:
 
     previous = sys.excepthook
     signal.signal(signal.SIGTERM, on_sigterm)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd)
+    threading.Thread(target=watch, args=(read_fd,), daemon=True).start()
     sys.excepthook = on_error
+
+
+def _stopped(rank: int) -> None:
+    _report(f"rank {rank}: stopped: another rank exited (the launcher's warning names it)")
+    os._exit(128 + signal.SIGTERM)
 
 
 def _report(line: str) -> None:
