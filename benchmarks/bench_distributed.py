@@ -199,7 +199,7 @@ def main() -> None:
     if a.worker:
         return worker(Path(a.worker), a.modes.split(","), Path(a.out))
     print(f"measured: {LAYERS} layers, {EXPERTS} experts, vocabulary {VOCAB}, real layer shapes, "
-          f"4-bit group 64 (gates 8-bit), float32 activations, scales and norms (MLX's CPU runs bfloat16 ~100x slower); bytes sent averaged over {DECODE} decode steps")
+          f"4-bit group 64 (gates 8-bit), float32 activations, scales and norms (MLX's CPU runs bfloat16 ~10x slower); bytes sent averaged over {DECODE} decode steps")
     rows = []
     for name in a.models.split(","):
         full = json.loads((FIXTURES / CONFIGS[name]).read_text())
