@@ -62,7 +62,8 @@ def load(
     ``huggingface_hub``, honouring ``HF_HUB_OFFLINE``); None loads the bundled demo model.
 
     Under ``mlx.launch`` this process loads only its share: ``parallel`` is "expert" (the
-    default), "pipeline" or "expert+pipeline" (see ``mlx_qwenmoe.distributed``)."""
+    default), "pipeline" or "expert+pipeline" (see ``mlx_qwenmoe.distributed``); a process
+    running alone ignores it."""
     from .distributed import world
 
     group = world()
