@@ -36,17 +36,18 @@ def working_set_limit(ram_bytes: int) -> int:
     return ram_bytes * 2 // 3 if ram_bytes <= 36 * GiB else ram_bytes * 3 // 4
 
 
-def cache_bytes(args: ModelArgs, context: int, dtype_bytes: int, mtp_layers: int = 0) -> int:
-    """Bytes of the generation cache for ``context`` tokens.
-
-    Full-attention layers (and the MTP layers, which attend over the same context) hold K and V
-    in the activation dtype; DeltaNet layers hold a float32 recurrent state and the conv tail,
-    whatever the context.
-    """
-    attention_layers = sum(not args.is_linear(i) for i in range(args.num_hidden_layers)) + mtp_layers
-    kv = attention_layers * 2 * args.num_key_value_heads * args.head_dim * context * dtype_bytes
+def layer_cache_bytes(args: ModelArgs, attention: bool, context: int, dtype_bytes: int) -> int:
+    """Cache bytes of one layer: K and V for ``context`` tokens in the activation dtype for
+    full attention; the float32 recurrent state and the conv tail for DeltaNet, whatever the context."""
+    if attention:
+        return 2 * args.num_key_value_heads * args.head_dim * context * dtype_bytes
     conv_dim = 2 * args.linear_num_key_heads * args.linear_key_head_dim + args.linear_num_value_heads * args.linear_value_head_dim
     state = args.linear_num_value_heads * args.linear_key_head_dim * args.linear_value_head_dim * 4
-    conv = (args.linear_conv_kernel_dim - 1) * conv_dim * dtype_bytes
-    linear_layers = args.num_hidden_layers - attention_layers + mtp_layers
-    return kv + linear_layers * (state + conv)
+    return state + (args.linear_conv_kernel_dim - 1) * conv_dim * dtype_bytes
+
+
+def cache_bytes(args: ModelArgs, context: int, dtype_bytes: int, mtp_layers: int = 0) -> int:
+    """Bytes of the generation cache for ``context`` tokens: every decoder layer's, and the MTP
+    layers' (full attention over the same context)."""
+    layers = sum(layer_cache_bytes(args, not args.is_linear(i), context, dtype_bytes) for i in range(args.num_hidden_layers))
+    return layers + mtp_layers * layer_cache_bytes(args, True, context, dtype_bytes)

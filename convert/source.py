@@ -22,6 +22,9 @@ from mlx_qwenmoe.loading import check_safetensors, weight_files
 
 # Source dtypes we convert from; bf16 is read as its bit pattern (numpy has no bfloat16).
 _READ = {"BF16": (np.uint16, mx.bfloat16), "F16": (np.float16, None), "F32": (np.float32, None)}
+# What ``SourceTensor.read`` can read: also the packed weights of a quantized checkpoint
+# (distributed loading reads a rank's experts of one this way).
+READABLE = {**_READ, "U32": (np.uint32, None)}
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class SourceTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(_READ[self.dtype][0]).itemsize
+        return math.prod(self.shape) * np.dtype(READABLE[self.dtype][0]).itemsize
 
     @property
     def row_bytes(self) -> int:
@@ -42,7 +45,7 @@ class SourceTensor:
 
     def read(self, start: int = 0, stop: int = -1) -> mx.array:
         """Rows ``start:stop`` (axis 0; all of it by default) as an MLX array."""
-        np_dtype, view = _READ[self.dtype]
+        np_dtype, view = READABLE[self.dtype]
         shape = self.shape
         if shape:
             stop = shape[0] if stop < 0 else stop

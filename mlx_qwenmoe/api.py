@@ -16,7 +16,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .errors import CheckpointError, ModelNotFoundError, QwenMoeError
-from .loading import load_model, resolve_model_path
+from .loading import ShardHook, load_model, resolve_model_path
 from .model import Model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -61,6 +61,7 @@ def load(
     dtype: Optional[mx.Dtype] = None,
     max_resident: Optional[Union[int, str]] = None,
     prefetch_experts: bool = False,
+    parallel: Optional[str] = None,
 ) -> Tuple[Model, TokenizerWrapper]:
     """(model, tokenizer) from a local directory or a Hugging Face repo id (downloaded with
     ``huggingface_hub``, honouring ``HF_HUB_OFFLINE``); None loads the bundled demo model.
@@ -68,12 +69,36 @@ def load(
     ``max_resident`` (bytes, or a size such as "6GiB"): keep at most this much of the routed
     experts in memory and read the others from the checkpoint files as they are routed to
     (``expert_stream``); the model's ``expert_stream.stats`` counts hits and bytes read.
-    ``prefetch_experts``: also read each next layer's predicted experts ahead of time."""
+    ``prefetch_experts``: also read each next layer's predicted experts ahead of time.
+
+    Under ``mlx.launch`` this process loads only its share: ``parallel`` is "expert" (the
+    default), "pipeline" or "expert+pipeline" (see ``mlx_qwenmoe.distributed``); a process
+    running alone ignores it."""
+    from .distributed import world
+
+    group = world()
+    if group is None:
+        return _load(path_or_repo, dtype, max_resident=max_resident, prefetch_experts=prefetch_experts)
+    if max_resident is not None:
+        raise ValueError("max_resident: expert streaming does not run under mlx.launch (each rank holds its own experts)")
+    from .distributed import load_parallel
+
+    return load_parallel(lambda shard: _load(path_or_repo, dtype, shard=shard), parallel, group)
+
+
+def _load(
+    path_or_repo: Optional[Union[str, Path]],
+    dtype: Optional[mx.Dtype],
+    *,
+    shard: Optional[ShardHook] = None,
+    max_resident: Optional[Union[int, str]] = None,
+    prefetch_experts: bool = False,
+) -> Tuple[Model, TokenizerWrapper]:
     model_dir = resolve(path_or_repo)
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"{model_dir}: no tokenizer ({', '.join(TOKENIZER_FILES)})")
     if max_resident is None:
-        model, config = load_model(model_dir, dtype=dtype)
+        model, config = load_model(model_dir, dtype=dtype, shard=shard)
     else:
         from .convert.memory import parse_size
         from .expert_stream import stream_experts

@@ -11,7 +11,7 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -210,8 +210,17 @@ def _experts_float32_on_cpu(weights: Dict[str, mx.array]) -> Dict[str, mx.array]
     }
 
 
-def load_model(model_dir: Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Tuple[Model, dict]:
-    """Build ``Model`` from a local directory and load its weights; returns (model, config dict)."""
+# (model directory, model, mapped tensors, source file of each) -> the tensors this process keeps
+ShardHook = Callable[[Path, Model, Dict[str, mx.array], Dict[str, Path]], Dict[str, mx.array]]
+
+
+def load_model(
+    model_dir: Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False, shard: Optional[ShardHook] = None
+) -> Tuple[Model, dict]:
+    """Build ``Model`` from a local directory and load its weights; returns (model, config dict).
+
+    ``shard`` (distributed inference) may substitute modules of the model and cut the tensors
+    down to this process's share before anything is cast, quantized or read."""
     if dtype is not None and dtype not in (mx.float16, mx.bfloat16, mx.float32):
         raise ValueError(f"dtype {dtype}: expected mx.float16, mx.bfloat16 or mx.float32")
     model_dir = Path(model_dir)
@@ -223,6 +232,8 @@ def load_model(model_dir: Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool 
         args.mtp_num_hidden_layers = max(mtp_layers) + 1
     model = Model(args, with_mtp=bool(mtp_layers))
     weights = model.sanitize(raw)
+    if shard is not None:
+        weights = shard(model_dir, model, weights, origin)
     if dtype is not None:
         weights = _cast(weights, dtype)
     weights = _experts_float32_on_cpu(weights)
