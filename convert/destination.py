@@ -48,14 +48,14 @@ def _replaceable(dst: Path) -> None:
     if dst.is_symlink() or not dst.is_dir():
         raise OutputError(f"{dst}: exists and is not a directory; remove it yourself")
     if any(dst.iterdir()) and not (dst / "config.json").is_file():
-        raise OutputError(f"{dst}: exists and is not a model directory (no config.json); --force replaces only those")
+        raise OutputError(f"{dst}: exists and is not a model directory (no config.json); force=True replaces only those")
 
 
 def check_overwrite(dst: Path, force: bool) -> None:
     """The start-of-run check; ``finish`` repeats it at the final rename."""
     if dst.exists() or dst.is_symlink():
         if not force:
-            raise OutputError(f"{dst}: already exists (use --force to replace it)")
+            raise OutputError(f"{dst}: already exists (pass force=True to replace it)")
         _replaceable(dst)
     if not dst.parent.is_dir():
         raise OutputError(f"{dst}: parent directory {dst.parent} does not exist")

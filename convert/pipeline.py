@@ -75,7 +75,7 @@ def convert(
         raise ConfigError(f"{where}: the checkpoint is already quantized; convert takes a float (BF16/F16/F32) checkpoint")
     if not dry_run:
         if dst is None:
-            raise OutputError("convert: give DST (or --dry-run)")
+            raise OutputError("convert: give dst (or dry_run=True)")
         dst = Path(dst).expanduser()
         check_destination(model_dir, dst)
         check_overwrite(dst, force)

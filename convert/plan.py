@@ -216,6 +216,17 @@ def config_dtype(config: Dict[str, Any]) -> str:
     return "bfloat16"
 
 
+def _check_options(bits: int, group_size: int, dtype: str, context: int) -> None:
+    if bits not in BITS:
+        raise ConfigError(f"bits {bits}: supported are {', '.join(map(str, BITS))}")
+    if group_size not in GROUP_SIZES:
+        raise ConfigError(f"group_size {group_size}: supported are {', '.join(map(str, GROUP_SIZES))}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype}: supported are {', '.join(DTYPES)}")
+    if context < 0:
+        raise ConfigError(f"context {context}: must not be negative")
+
+
 def plan_conversion(
     config: Dict[str, Any],
     *,
@@ -237,18 +248,11 @@ def plan_conversion(
     (default: the config's ``mtp_num_hidden_layers``).
     """
     args = ModelArgs.from_config(config, source=source)
-    if bits not in BITS:
-        raise ConfigError(f"--bits {bits}: supported are {', '.join(map(str, BITS))}")
-    if group_size not in GROUP_SIZES:
-        raise ConfigError(f"--group-size {group_size}: supported are {', '.join(map(str, GROUP_SIZES))}")
     dtype = dtype or config_dtype(config)
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype}: supported are {', '.join(DTYPES)}")
-    if context < 0:
-        raise ConfigError(f"--context {context}: must not be negative")
+    _check_options(bits, group_size, dtype, context)
     mtp = args.mtp_num_hidden_layers if mtp_layers is None else mtp_layers
     cache = cache_bytes(args, context, DTYPES[dtype], mtp)
-    reserve_bytes = parse_size(reserve, "--reserve") if isinstance(reserve, str) else int(reserve)
+    reserve_bytes = parse_size(reserve, "reserve") if isinstance(reserve, str) else int(reserve)
     params = [(n, s, _kind(n, q), _unit(n)) for n, s, q in _inventory(args, mtp)]
 
     def build(recipe_of: Callable[[str], Recipe]) -> List[TensorPlan]:
@@ -262,13 +266,13 @@ def plan_conversion(
         return Plan(bits=bits, group_size=group_size, tensors=build(lambda _u: recipe),
                     recipe=f"{bits}-bit, group {group_size}", **common)
 
-    ram = parse_size(fit, "--fit", unit_required=True) if isinstance(fit, str) else int(fit)
+    ram = parse_size(fit, "fit", unit_required=True) if isinstance(fit, str) else int(fit)
     budget = working_set_limit(ram) - cache - reserve_bytes
     tiers = _fit_tiers(params, dtype, build, budget)
     if tiers is None:
         smallest = sum(t.nbytes for t in build(lambda _u: FIT_TIERS[-1]))
         raise ConfigError(
-            f"--fit {fit}: does not fit: weights take at least {smallest / GiB:.2f} GiB (3-bit experts), "
+            f"fit {fit}: does not fit: weights take at least {smallest / GiB:.2f} GiB (3-bit experts), "
             f"the cache for {context} tokens {cache / GiB:.2f} GiB and the reserve {reserve_bytes / GiB:.2f} GiB, "
             f"but the working-set limit is {working_set_limit(ram) / GiB:.2f} GiB"
         )

@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -81,27 +81,8 @@ class ModelArgs:
         if head_dim < 1:
             raise ConfigError(f"{source}: head_dim: hidden_size {t['hidden_size']} gives no dimension per head")
 
-        layer_types = t.get("layer_types")
-        if layer_types is None:
-            interval = t.get("full_attention_interval", 4)
-            layer_types = [
-                "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)
-            ]
-        if not isinstance(layer_types, list) or len(layer_types) < n_layers or not all(
-            isinstance(lt, str) and lt in ("full_attention", "linear_attention") for lt in layer_types[:n_layers]
-        ):
-            raise ConfigError(f"{source}: layer_types must list 'full_attention'/'linear_attention' for all {n_layers} layers")
-
-        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ConfigError(f"{source}: rope_parameters must be a JSON object")
-        rope_theta = _number(rope.get("rope_theta", t.get("rope_theta", 10_000_000.0)), "rope_theta", source, 0.0, None)
-        partial = _number(rope.get("partial_rotary_factor", t.get("partial_rotary_factor", 0.25)),
-                          "partial_rotary_factor", source, 0.0, 1.0)
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "mrope"):
-            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (expected 'default')")
-
+        layer_types = _layer_types(t, n_layers, source)
+        rope_theta, partial = _rope(t, source)
         eos = config.get("eos_token_id", t.get("eos_token_id"))
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else eos)
         if not isinstance(eos, list) or not all(_is_int(e) and e >= 0 for e in eos):
@@ -118,17 +99,49 @@ class ModelArgs:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
         )
         args = cls(**kwargs)
-        if args.linear_num_value_heads % args.linear_num_key_heads:
-            raise ConfigError(f"{source}: linear_num_value_heads must be a multiple of linear_num_key_heads")
-        if args.num_attention_heads % args.num_key_value_heads:
-            raise ConfigError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
-        if args.num_experts_per_tok > args.num_experts:
-            raise ConfigError(
-                f"{source}: num_experts_per_tok {args.num_experts_per_tok} exceeds num_experts {args.num_experts}"
-            )
-        if args.rope_dims % 2:
-            raise ConfigError(f"{source}: head_dim * partial_rotary_factor must be even, not {args.rope_dims}")
+        _check_shapes(args, source)
         return args
+
+
+def _layer_types(t: Dict[str, Any], n_layers: int, source: str) -> List[str]:
+    """``layer_types``, or the pattern ``full_attention_interval`` implies (every 4th layer attends)."""
+    layer_types = t.get("layer_types")
+    if layer_types is None:
+        interval = t.get("full_attention_interval", 4)
+        layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
+    if not isinstance(layer_types, list) or len(layer_types) < n_layers or not all(
+        isinstance(lt, str) and lt in ("full_attention", "linear_attention") for lt in layer_types[:n_layers]
+    ):
+        raise ConfigError(f"{source}: layer_types must list 'full_attention'/'linear_attention' for all {n_layers} layers")
+    return layer_types
+
+
+def _rope(t: Dict[str, Any], source: str) -> Tuple[float, float]:
+    """(rope_theta, partial_rotary_factor), from ``rope_parameters`` (or ``rope_scaling``) or the top level."""
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{source}: rope_parameters must be a JSON object")
+    rope_theta = _number(rope.get("rope_theta", t.get("rope_theta", 10_000_000.0)), "rope_theta", source, 0.0, None)
+    partial = _number(rope.get("partial_rotary_factor", t.get("partial_rotary_factor", 0.25)),
+                      "partial_rotary_factor", source, 0.0, 1.0)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "mrope"):
+        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (expected 'default')")
+    return rope_theta, partial
+
+
+def _check_shapes(args: "ModelArgs", source: str) -> None:
+    """What each field may be alone is checked by ``_check_fields``; these are the relations between them."""
+    if args.linear_num_value_heads % args.linear_num_key_heads:
+        raise ConfigError(f"{source}: linear_num_value_heads must be a multiple of linear_num_key_heads")
+    if args.num_attention_heads % args.num_key_value_heads:
+        raise ConfigError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
+    if args.num_experts_per_tok > args.num_experts:
+        raise ConfigError(
+            f"{source}: num_experts_per_tok {args.num_experts_per_tok} exceeds num_experts {args.num_experts}"
+        )
+    if args.rope_dims % 2:
+        raise ConfigError(f"{source}: head_dim * partial_rotary_factor must be even, not {args.rope_dims}")
 
 
 _REQUIRED = (

@@ -227,6 +227,21 @@ def _prompt_ids(tokenizer: TokenizerWrapper, prompt: Union[str, Sequence[int], m
     return mx.array(ids, dtype=mx.uint32)
 
 
+def _checked_prompt(model: nn.Module, tokenizer: TokenizerWrapper, prompt: Any, max_tokens: int) -> mx.array:
+    """The prompt's ids, checked against the vocabulary; a warning when the generation would run
+    past the positions the model was trained on."""
+    prompt = _prompt_ids(tokenizer, prompt)
+    check_token_ids(prompt, model.args.vocab_size)
+    limit = model.args.max_position_embeddings
+    if prompt.size + max_tokens > limit:
+        warnings.warn(
+            f"the prompt ({prompt.size} tokens) plus max_tokens ({max_tokens}) run past the model's "
+            f"max_position_embeddings ({limit}); output beyond it may degrade",
+            stacklevel=3,
+        )
+    return prompt
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer: Any,
@@ -263,42 +278,41 @@ def stream_generate(
         raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
-    prompt = _prompt_ids(tokenizer, prompt)
-    check_token_ids(prompt, model.args.vocab_size)
-    limit = model.args.max_position_embeddings
-    if prompt.size + max_tokens > limit:
-        warnings.warn(
-            f"the prompt ({prompt.size} tokens) plus max_tokens ({max_tokens}) run past the model's "
-            f"max_position_embeddings ({limit}); output beyond it may degrade",
-            stacklevel=2,
-        )
+    prompt = _checked_prompt(model, tokenizer, prompt, max_tokens)
     options = dict(
         max_tokens=max_tokens,
         sampler=sampler,
         logits_processors=logits_processors,
         prefill_step_size=prefill_step_size,
     )
-    cached = 0
     if prompt_cache is not None:
         if cache is not None:
             raise ValueError("give cache or prompt_cache, not both")
         cached, tokens = prompt_cache.generate_tokens(
             prompt, boundaries, mtp=mtp, draft_tokens=draft_tokens, mtp_stats=mtp_stats, **options
         )
-    elif mtp:
-        if cache is not None:
-            raise ValueError("mtp=True does not continue from a given cache")
-        from .speculative import mtp_generate_step
-
-        tokens = mtp_generate_step(prompt, model, draft_tokens=draft_tokens, stats=mtp_stats, **options)
     else:
-        tokens = ((t, lp, False) for t, lp in generate_step(
-            prompt, model, cache=cache, prefill_progress=prefill_progress, **options))
+        cached, tokens = 0, _tokens(model, prompt, cache, mtp, draft_tokens, mtp_stats, prefill_progress, options)
     try:
         yield from _responses(tokenizer, tokens, prompt.size, cached, max_tokens, stop, model)
     finally:
         # Ends the token stream now, so a prompt cache takes the tokens back before we return.
         tokens.close()
+
+
+def _tokens(
+    model: nn.Module, prompt: mx.array, cache: Optional[List[Any]], mtp: bool, draft_tokens: int,
+    mtp_stats: Optional[Any], prefill_progress: bool, options: dict,
+) -> Iterator[Tuple[int, mx.array, bool]]:
+    """(token, logprobs, from_draft) of a generation without a prompt cache."""
+    if not mtp:
+        steps = generate_step(prompt, model, cache=cache, prefill_progress=prefill_progress, **options)
+        return ((t, lp, False) for t, lp in steps)
+    if cache is not None:
+        raise ValueError("mtp=True does not continue from a given cache")
+    from .speculative import mtp_generate_step
+
+    return mtp_generate_step(prompt, model, draft_tokens=draft_tokens, stats=mtp_stats, **options)
 
 
 def _responses(

@@ -94,8 +94,10 @@ def test_existing_dst_needs_force(checkpoint, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    with pytest.raises(OutputError, match="--force"):
+    with pytest.raises(OutputError, match=r"pass force=True"):  # the library names its own argument
         convert(checkpoint, dst)
+    result = _cli(str(checkpoint), str(dst))
+    assert result.exit_code == 2 and "pass --force to replace it" in result.output  # the CLI, its flag
     with pytest.raises(OutputError, match="not a model directory"):
         convert(checkpoint, dst, force=True)  # --force replaces only a model directory
     assert _only(dst) == ["keep.txt"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import re
 import sys
 
 import click
@@ -21,6 +22,25 @@ COMMANDS = {
     "plan": ("mlx_qwenmoe.cli.plan", "plan_command"),
     "doctor": ("mlx_qwenmoe.cli.doctor", "doctor_command"),
 }
+
+
+# Library errors name the library's own arguments (``bits 5: ...``, ``pass force=True``); on the
+# command line those are flags.
+FLAGS = {
+    "bits": "--bits", "group_size": "--group-size", "dtype": "--dtype", "context": "--context",
+    "reserve": "--reserve", "fit": "--fit", "hosts": "--hosts", "max_resident": "--max-resident",
+    "force": "--force", "dry_run": "--dry-run",
+}
+
+
+def as_flags(message: str) -> str:
+    """A library error as the command line says it: a leading argument name, and ``NAME=True``
+    anywhere, become the flag."""
+    message = re.sub(r"\b(\w+)=True\b", lambda m: FLAGS.get(m.group(1), m.group(0)), message)
+    lead = re.match(r"(\w+)(?=[ :])", message)
+    if lead and lead.group(1) in FLAGS:
+        message = FLAGS[lead.group(1)] + message[lead.end():]
+    return message
 
 
 class _Group(click.Group):
@@ -40,7 +60,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except QwenMoeError as e:
-            raise click.UsageError(str(e)) from None
+            raise click.UsageError(as_flags(str(e))) from None
         except KeyboardInterrupt:
             sys.stderr.write("\ninterrupted\n")
             sys.exit(130)

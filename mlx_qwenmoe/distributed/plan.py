@@ -43,9 +43,9 @@ def parse_hosts(text: str) -> List[Host]:
     for item in text.split(","):
         m = _HOST.fullmatch(item)
         if not m:
-            raise ConfigError(f"--hosts {text!r}: expected NAME:RAM[@LIMIT] entries such as mac1:64GB,mac2:24GB")
-        ram = parse_size(m.group(2), "--hosts")
-        limit = parse_size(m.group(3), "--hosts") if m.group(3) else working_set_limit(ram)
+            raise ConfigError(f"hosts {text!r}: expected NAME:RAM[@LIMIT] entries such as mac1:64GB,mac2:24GB")
+        ram = parse_size(m.group(2), "hosts")
+        limit = parse_size(m.group(3), "hosts") if m.group(3) else working_set_limit(ram)
         hosts.append(Host(m.group(1), ram, limit))
     return hosts
 
@@ -128,7 +128,7 @@ def plan_distributed(config: Dict[str, Any], hosts: Sequence[Host], *, mode: str
     """Per-rank weights, cache and headroom, and the traffic per token, of running ``config``
     over ``hosts`` with ``mode``."""
     if len(hosts) < 2:
-        raise ConfigError("--hosts: give at least two hosts")
+        raise ConfigError("hosts: give at least two hosts")
     conv = plan_conversion(config, bits=bits, group_size=group_size, context=context, source=source)
     args = ModelArgs.from_config(config, source=source)
     unit_bytes: Dict[str, Dict[str, int]] = {}
