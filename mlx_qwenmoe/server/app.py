@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, List, Optional, Union
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -49,7 +49,7 @@ class _Server:
             )
 
     def job(self, request_id: str, body: Sampling, prompt_ids: List[int], max_tokens: Optional[int],
-            top_logprobs: Optional[int]) -> GenerationJob:
+            top_logprobs: Optional[int], boundaries: Sequence[int] = ()) -> GenerationJob:
         if body.n != 1:
             raise APIError(f"'n': only 1 choice per request is supported, not {body.n}", param="n")
         if not prompt_ids:
@@ -78,6 +78,7 @@ class _Server:
             sampling=sampling,
             stop=body.stop_list(),
             top_logprobs=top_logprobs,
+            boundaries=list(boundaries),
         )
 
 
@@ -144,10 +145,10 @@ async def _chat(server: _Server, request: Request, body: ChatCompletionRequest) 
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     tokenizer = server.tokenizer
-    prompt_ids = await run_in_threadpool(render_chat, tokenizer, body, tools)
+    prompt_ids, boundaries = await run_in_threadpool(render_chat, tokenizer, body, tools)
     top = (body.top_logprobs or 0) if body.logprobs else None
     env = fmt.Envelope.new("chat.completion", server.config.model_id, "chatcmpl")
-    job = server.job(env.id, body, prompt_ids, body.max_completion_tokens or body.max_tokens, top)
+    job = server.job(env.id, body, prompt_ids, body.max_completion_tokens or body.max_tokens, top, boundaries)
     parser = OutputParser(
         think=think_tags(tokenizer),
         thinking=prompt_opens_thinking(tokenizer, prompt_ids),

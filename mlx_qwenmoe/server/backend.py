@@ -56,6 +56,7 @@ class GenerationJob:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: List[str] = field(default_factory=list)
     top_logprobs: Optional[int] = None  # None: no logprobs; 0: the chosen token's only
+    boundaries: List[int] = field(default_factory=list)  # where chat messages begin (prompt-cache checkpoints)
 
 
 @dataclass
@@ -84,13 +85,17 @@ class Step:
 
 
 class Backend:
-    """Generates for one job at a time with ``stream_generate`` (MTP when ``mtp``)."""
+    """Generates for one job at a time with ``stream_generate`` (MTP when ``mtp``), every job
+    through ``prompt_cache`` (a ``PromptCache``; not thread-safe, so only the worker thread
+    touches it)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, mtp: bool = False, draft_tokens: int = 2):
+    def __init__(self, model: Any, tokenizer: Any, *, mtp: bool = False, draft_tokens: int = 2,
+                 prompt_cache: Optional[Any] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.mtp = mtp
         self.draft_tokens = draft_tokens
+        self.prompt_cache = prompt_cache
 
     def generate(self, job: GenerationJob) -> Iterator[Step]:
         s = job.sampling
@@ -103,7 +108,6 @@ class Backend:
         if s.seed is not None:
             mx.random.seed(s.seed)
         stats = SpecStats() if self.mtp else None
-        # The prompt-cache seam: stream_generate(..., prompt_cache=..., boundaries=...) goes here.
         responses = stream_generate(
             self.model,
             self.tokenizer,
@@ -115,6 +119,8 @@ class Backend:
             mtp=self.mtp,
             draft_tokens=self.draft_tokens,
             mtp_stats=stats,
+            prompt_cache=self.prompt_cache,
+            boundaries=job.boundaries,
         )
         last = None
         try:

@@ -61,6 +61,7 @@ class Worker:
         self._jobs: "queue.Queue[Optional[JobHandle]]" = queue.Queue()
         self._active: Optional[JobHandle] = None
         self._memory_after_last_job = 0
+        self._prompt_cache_after_last_job = 0
         self._thread = threading.Thread(target=self._run, name="mlx_qwenmoe-generation", daemon=True)
 
     def start(self) -> None:
@@ -80,11 +81,13 @@ class Worker:
 
     def load(self) -> dict:
         """How busy the worker is (the running job, 0 or 1, and those waiting), and the MLX
-        memory in use once the last job had released its caches."""
+        memory in use once the last job had released its caches, of which the prompt cache holds
+        ``prompt_cache_bytes``."""
         return {
             "active_requests": int(self._active is not None),
             "queued_requests": self._jobs.qsize(),
             "memory_after_last_request_bytes": self._memory_after_last_job,
+            "prompt_cache_bytes": self._prompt_cache_after_last_job,
         }
 
     def _run(self) -> None:
@@ -114,4 +117,6 @@ class Worker:
             # The closed generation dropped its caches; give their buffers back now.
             mx.clear_cache()
             self._memory_after_last_job = mx.get_active_memory()
+            cache = self.backend.prompt_cache
+            self._prompt_cache_after_last_job = cache.nbytes if cache is not None else 0
             handle._put(_END)
