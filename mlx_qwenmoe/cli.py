@@ -165,8 +165,10 @@ def load_streamed(model_path: Optional[str], max_resident: Optional[str], prefet
 @click.option("--prompt-cache-bytes", type=click.IntRange(min=1), default=None, help="Prompt cache budget in bytes. [default: a quarter of the free memory]")
 @click.option("--max-resident", default=None, metavar="SIZE",
               help="Keep at most SIZE (e.g. 6GiB) of routed experts in memory; read the rest from disk as routed.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Requests decoded together in one batch (without --mtp).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=32, show_default=True, help="Requests waiting beyond those; more get HTTP 503.")
 def serve_command(model_path: Optional[str], host: str, port: int, mtp: bool, draft_tokens: int,
-                  prompt_cache_bytes: Optional[int], max_resident: Optional[str]) -> None:
+                  prompt_cache_bytes: Optional[int], max_resident: Optional[str], max_batch: int, max_queue: int) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
     import logging
 
@@ -185,6 +187,8 @@ def serve_command(model_path: Optional[str], host: str, port: int, mtp: bool, dr
         context_length=model.args.max_position_embeddings,
         vocab_size=model.args.vocab_size,
         sampling_defaults=sampling_defaults(model_dir),
+        max_batch=max_batch,
+        max_queue=max_queue,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     backend = Backend(model, tokenizer, mtp=mtp, draft_tokens=draft_tokens, prompt_cache=prompt_cache)

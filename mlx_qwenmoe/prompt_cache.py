@@ -341,6 +341,12 @@ class PromptCache:
         self._add_checkpoints(path, n, checkpoints)
         self._evict()
 
+    def store(self, tokens: Sequence[int], cache: List[Any]) -> None:
+        """Store a finished sequence: ``tokens``, all held by ``cache`` (one sequence's caches,
+        e.g. a ``BatchEngine`` request's returned with ``return_cache``), resumable at its end."""
+        tokens = list(tokens)
+        self.insert(tokens, cache, {len(tokens): self._checkpoint(cache, None, END)})
+
     def _add_checkpoints(self, path: List[_Node], n: int, checkpoints: Dict[int, _Checkpoint]) -> None:
         now = self._tick()
         for node in path:

@@ -72,11 +72,13 @@ def servers(tmp_path_factory):
     with MTP (greedy MTP output is plain greedy output, so the tests' expectations hold)."""
     qwen_dir = make_qwen_chat_model_dir(tmp_path_factory.mktemp("qwen") / "model")
     logs = tmp_path_factory.mktemp("serve")
-    started = [_start(logs / "default.log"), _start(logs / "qwen.log", "--model", str(qwen_dir), "--mtp")]
+    started = [_start(logs / "default.log"), _start(logs / "qwen.log", "--model", str(qwen_dir), "--mtp"),
+               _start(logs / "small.log", "--max-batch", "1", "--max-queue", "1")]
     try:
         for proc, base, log_path, _ in started:
             _wait_up(proc, base, log_path)
-        yield {"default": started[0][1:3], "qwen": (started[1][1], str(qwen_dir), started[1][2])}
+        yield {"default": started[0][1:3], "qwen": (started[1][1], str(qwen_dir), started[1][2]),
+               "small": started[2][1:3]}
     finally:
         for proc, _, _, log in started:
             proc.terminate()
@@ -325,3 +327,35 @@ def test_second_turn_reuses_the_prompt_cache(server, client):
     model, tokenizer = load()
     cold = generate(model, tokenizer, chat_prompt(tokenizer, second), max_tokens=8)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cold
+
+
+def test_concurrent_streams_decode_as_they_would_alone(client):
+    """8 streaming clients at once (one batch) each get the text they get alone (greedy)."""
+    prompts = [f"def f{i}(x):" + " x" * i for i in range(8)]
+
+    def stream(prompt):
+        chunks = _chat(client, content=prompt, max_tokens=12, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(stream, prompts))
+    alone = [stream(p) for p in prompts]
+    assert together == alone and all(together)
+
+
+def test_full_queue_answers_503_and_the_server_keeps_serving(servers):
+    """--max-batch 1 --max-queue 1: a third request while two are held gets 503 with Retry-After."""
+    base, _ = servers["small"]
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    held = [_chat(client, content="class Parser:", max_tokens=3000, stream=True) for _ in range(2)]
+    next(iter(held[0]))
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    request = urllib.request.Request(base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+    assert json.loads(refused.value.read())["error"]["code"] == "server_busy"
+    for stream in held:
+        stream.close()
+    _wait_idle(base)
+    assert _chat(client, max_tokens=2).usage.completion_tokens == 2

@@ -1,7 +1,7 @@
 """``mlx_qwenmoe serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
 app.py (routes), schemas.py (request bodies), prompt.py (chat template), stream_parser.py
-(thinking and tool calls), backend.py (the one generation call), worker.py (the generation
+(thinking and tool calls), backend.py (the one generation call), worker.py and batch_worker.py (the generation
 thread), openai_format.py (response shapes), http_errors.py (error bodies).
 """
 
