@@ -256,3 +256,27 @@ def test_cli_generate_and_chat_reuse_the_prompt_cache(tiny, tmp_path):
     assert (tmp_path / "chat.safetensors").is_file() and f"/load: {tmp_path / 'bad'}: not a readable" in chat.output
     bad = CliRunner().invoke(main, ["chat", "--model", model_dir, "--prompt-cache-bytes", "10"], input="")
     assert bad.exit_code == 2 and "--prompt-cache-bytes 10: smaller than one checkpoint" in bad.output
+
+
+def test_batch_engine_sequences_resume_from_lookup_and_store(tiny):
+    """A server's way through the cache: ``lookup`` a prompt, run the rest in a ``BatchEngine``,
+    ``store`` the finished sequence; the next turn resumes from it and decodes as a cold run."""
+    from mlx_qwenmoe import BatchEngine
+
+    _, model, tokenizer = tiny
+    cache = PromptCache(model)
+    prompt = tokenizer.encode(SYSTEM + "first question", add_special_tokens=False)
+
+    def run(ids):
+        hit = cache.lookup(ids)
+        engine = BatchEngine(model, tokenizer, max_batch=2)
+        engine.submit(ids[hit.depth :], max_tokens=TOKENS, cache=hit.cache, return_cache=True)
+        events = [e for _ in range(4 * TOKENS) for e in engine.step()]
+        cache.store(ids + [e.token for e in events][:-1], events[-1].cache)
+        return hit.depth, [e.token for e in events]
+
+    assert run(prompt) == (0, greedy(model, tokenizer, prompt))
+    _, answer = run(prompt)
+    follow = prompt + answer + tokenizer.encode(" second question", add_special_tokens=False)
+    depth, tokens = run(follow)
+    assert depth == len(prompt) + len(answer) - 1 and tokens == greedy(model, tokenizer, follow)
