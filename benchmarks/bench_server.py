@@ -55,7 +55,7 @@ def _start(name: str, log_dir: Path) -> tuple:
     deadline = time.monotonic() + 180
     while True:
         try:
-            with urllib.request.urlopen(base + "/v1/models", timeout=5):
+            with urllib.request.urlopen(base + "/health", timeout=5):
                 return proc, base, log_path
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
