@@ -3,7 +3,8 @@ batched forward pass per step, through ``batch.BatchEngine``.
 
 Each job starts from the prompt cache's deepest checkpointed prefix of its prompt (``lookup``
 builds fresh caches for it, so the engine's in-place updates never touch what the cache
-stores), and its finished sequence goes back into the cache (``store``). Only this thread
+stores); its prefill keeps the cache's checkpoints (message boundaries, intervals, the
+prompt's end), and its finished sequence goes back into the cache with them (``store``). Only this thread
 touches the prompt cache and the engine. A job whose client went away is cancelled in the
 engine before the next step, and its caches are dropped with it.
 """
@@ -14,7 +15,7 @@ import logging
 import queue
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..batch import BatchEngine, BatchEvent
 from .backend import Backend, Usage, log_line
@@ -30,6 +31,7 @@ class _Running:
     started: float = field(default_factory=time.perf_counter)
     first_token: Optional[float] = None
     tokens: List[int] = field(default_factory=list)
+    checkpoints: Dict[int, Any] = field(default_factory=dict)  # prompt-cache snapshots taken in prefill
     cancelled: bool = False
 
 
@@ -41,6 +43,8 @@ class BatchWorker(Worker):
         self.engine = BatchEngine(backend.model, backend.tokenizer, max_batch=max_batch,
                                   prefill_step_size=prefill_step_size)
         self._running: Dict[int, _Running] = {}
+        # One sampler object per setting: the engine samples all the rows sharing one in one call.
+        self._samplers: Dict[tuple, Any] = {}
 
     def stop(self) -> None:
         for running in list(self._running.values()):
@@ -97,15 +101,24 @@ class BatchWorker(Worker):
     def _submit(self, handle: JobHandle) -> None:
         job = handle.job
         sampler, processors = self.backend.sampling(job)
-        cache, cached = None, 0
-        if self.backend.prompt_cache is not None:
-            hit = self.backend.prompt_cache.lookup(job.prompt_ids)
-            cache, cached = hit.cache, hit.depth
+        sampler = self._samplers.setdefault((sampler.temp, sampler.top_p, sampler.min_p, sampler.top_k), sampler)
+        running = _Running(handle, 0)
+        prompt_cache, hooks = self.backend.prompt_cache, {}
+        if prompt_cache is not None:
+            hit = prompt_cache.lookup(job.prompt_ids)
+            running.cached = hit.depth
+            kinds = prompt_cache.prefill_checkpoints(hit, len(job.prompt_ids), job.boundaries)
+
+            def on_checkpoint(n: int, cache: list) -> None:
+                running.checkpoints[hit.depth + n] = prompt_cache.snapshot(cache, kinds[hit.depth + n])
+
+            hooks = dict(cache=hit.cache, return_cache=True, checkpoints=[d - hit.depth for d in kinds],
+                         on_checkpoint=on_checkpoint)
         request_id = self.engine.submit(
-            job.prompt_ids[cached:], max_tokens=job.max_tokens, sampler=sampler, logits_processors=processors,
-            stop=job.stop, cache=cache, return_cache=cache is not None,
+            job.prompt_ids[running.cached:], max_tokens=job.max_tokens, sampler=sampler, logits_processors=processors,
+            stop=job.stop, **hooks,
         )
-        self._running[request_id] = _Running(handle, cached)
+        self._running[request_id] = running
 
     def _deliver(self, event: BatchEvent) -> None:
         running = self._running[event.request_id]
@@ -124,7 +137,7 @@ class BatchWorker(Worker):
         del self._running[event.request_id]
         if event.cache is not None:
             # The returned caches hold the prompt and every generated token but the last.
-            self.backend.prompt_cache.store(job.prompt_ids + running.tokens[:-1], event.cache)
+            self.backend.prompt_cache.store(job.prompt_ids + running.tokens[:-1], event.cache, running.checkpoints)
         log.info(self._log_line(running, event.finish_reason))
         self._end(running.handle)
 
