@@ -259,24 +259,36 @@ def test_cli_generate_and_chat_reuse_the_prompt_cache(tiny, tmp_path):
 
 
 def test_batch_engine_sequences_resume_from_lookup_and_store(tiny):
-    """A server's way through the cache: ``lookup`` a prompt, run the rest in a ``BatchEngine``,
-    ``store`` the finished sequence; the next turn resumes from it and decodes as a cold run."""
+    """A server's way through the cache: ``lookup`` a prompt, prefill and decode the rest in a
+    ``BatchEngine`` taking the cache's checkpoints on the way, ``store`` the finished sequence.
+    The next turn resumes from its end, a diverging prompt from the boundary checkpoint; both
+    decode as a cold run does."""
     from mlx_qwenmoe import BatchEngine
 
     _, model, tokenizer = tiny
     cache = PromptCache(model)
-    prompt = tokenizer.encode(SYSTEM + "first question", add_special_tokens=False)
+    system = tokenizer.encode(SYSTEM, add_special_tokens=False)
+    prompt = system + tokenizer.encode("first question", add_special_tokens=False)
 
     def run(ids):
         hit = cache.lookup(ids)
-        engine = BatchEngine(model, tokenizer, max_batch=2)
-        engine.submit(ids[hit.depth :], max_tokens=TOKENS, cache=hit.cache, return_cache=True)
-        events = [e for _ in range(4 * TOKENS) for e in engine.step()]
-        cache.store(ids + [e.token for e in events][:-1], events[-1].cache)
+        kinds = cache.prefill_checkpoints(hit, len(ids), [len(system)])
+        taken = {}
+
+        def on_checkpoint(n, c):
+            taken[hit.depth + n] = cache.snapshot(c, kinds[hit.depth + n])
+
+        engine = BatchEngine(model, tokenizer, max_batch=2, prefill_step_size=64)
+        engine.submit(ids[hit.depth :], max_tokens=TOKENS, cache=hit.cache, return_cache=True,
+                      checkpoints=[d - hit.depth for d in kinds], on_checkpoint=on_checkpoint)
+        events = [e for _ in range(8 * TOKENS) for e in engine.step()]
+        assert sorted(taken) == sorted(kinds)
+        cache.store(ids + [e.token for e in events][:-1], events[-1].cache, taken)
         return hit.depth, [e.token for e in events]
 
-    assert run(prompt) == (0, greedy(model, tokenizer, prompt))
-    _, answer = run(prompt)
+    depth, answer = run(prompt)
+    assert depth == 0 and answer == greedy(model, tokenizer, prompt)
     follow = prompt + answer + tokenizer.encode(" second question", add_special_tokens=False)
-    depth, tokens = run(follow)
-    assert depth == len(prompt) + len(answer) - 1 and tokens == greedy(model, tokenizer, follow)
+    assert run(follow) == (len(prompt) + len(answer) - 1, greedy(model, tokenizer, follow))
+    other = system + tokenizer.encode("another question", add_special_tokens=False)
+    assert run(other) == (len(system), greedy(model, tokenizer, other))
