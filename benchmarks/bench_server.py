@@ -1,12 +1,14 @@
 """Load test of ``mlx_qwenmoe serve`` and ``mlx_lm.server`` on the same weights (loopback only).
 
-Each server runs as its own process on the bundled demo model. For each concurrency level
-(1, 2, 4, 8) a fixed number of streaming greedy chat requests (distinct prompts, the official
-``openai`` client, one thread per concurrent client) run to completion; the level reports
-aggregate generated tok/s (all tokens over the level's wall time), p50/p95 time to first
-token and inter-token latency, and errors. The server's peak RSS (VmHWM) and its RSS after
-each level come from /proc. Bounded: ``--requests`` per level, ``--max-tokens`` each, and
-``--max-seconds`` per server, after which remaining levels are skipped (and said so).
+Both servers run at once, each its own process on the bundled demo model (an idle one uses
+no CPU), and each concurrency level (1, 2, 4, 8) runs on one, then the other, so a shared
+machine's load changes hit both alike. A level is a fixed number of streaming greedy chat
+requests (distinct prompts, the official ``openai`` client, one thread per concurrent
+client) run to completion; it reports aggregate generated tok/s (all tokens over the level's
+wall time), tokens per CPU-second of the server process (steadier on a loaded machine), p50/p95
+time to first token and inter-token latency, and errors. The server's RSS after each level and
+its peak (VmHWM) come from /proc. Bounded: ``--requests`` per level, ``--max-tokens`` each, and
+``--max-seconds`` in all, after which remaining levels are skipped (and said so).
 
     python benchmarks/bench_server.py [--requests 8] [--max-tokens 32] [--max-seconds 120] [--only ours|mlx-lm]
 """
@@ -19,14 +21,13 @@ import argparse
 import concurrent.futures
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import openai
 
@@ -62,6 +63,12 @@ def _start(name: str, log_dir: Path) -> tuple:
                 proc.kill()
                 raise RuntimeError(f"{name} server did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.3)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of the process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_kib(pid: int, field: str) -> int:
@@ -118,49 +125,59 @@ def _level(base: str, concurrency: int, requests: int, max_tokens: int, offset: 
     return {"tok/s": tokens / wall, "tokens": tokens, "wall": wall, "ttft": ttfts, "itl": gaps, "errors": errors}
 
 
-def _run_server(name: str, args: argparse.Namespace, log_dir: Path) -> List[List[object]]:
-    proc, base, log_path = _start(name, log_dir)
-    rows, start = [], time.monotonic()
+def _row(name: str, proc: subprocess.Popen, base: str, concurrency: int, args: argparse.Namespace, warm_kib: int) -> list:
+    cpu = _cpu_seconds(proc.pid)
+    r = _level(base, concurrency, args.requests, args.max_tokens, 100 * concurrency)
+    cpu = _cpu_seconds(proc.pid) - cpu
+    return [
+        name, concurrency, f"{r['tok/s']:.1f}", f"{r['tokens'] / max(cpu, 1e-9):.1f}", r["tokens"], f"{r['wall']:.1f}",
+        _pct(r["ttft"], 0.5), _pct(r["ttft"], 0.95), _pct(r["itl"], 0.5), _pct(r["itl"], 0.95),
+        f"{_rss_kib(proc.pid, 'VmRSS') / 1024:.0f} (warm {warm_kib / 1024:.0f}, peak "
+        f"{_rss_kib(proc.pid, 'VmHWM') / 1024:.0f})", r["errors"],
+    ]
+
+
+def _load_test(names: List[str], args: argparse.Namespace, log_dir: Path) -> List[List[object]]:
+    servers, rows = {}, []
     try:
-        _level(base, 1, 1, 4, 10_000)  # warm-up: first-call compilation and allocations
-        warm_rss = _rss_kib(proc.pid, "VmRSS")
+        for name in names:
+            try:
+                servers[name] = _start(name, log_dir)
+            except RuntimeError as e:
+                rows.append([name, "-", f"did not run: {str(e).splitlines()[0]}"] + ["-"] * 9)
+                print(e, file=sys.stderr)
+        warm = {}
+        for name, (proc, base, _) in servers.items():
+            _level(base, 1, 1, 4, 10_000)  # warm-up: first-call compilation and allocations
+            warm[name] = _rss_kib(proc.pid, "VmRSS")
+        start = time.monotonic()
         for concurrency in LEVELS:
-            if time.monotonic() - start > args.max_seconds:
-                rows.append([name, concurrency, "skipped: --max-seconds reached"] + ["-"] * 8)
-                continue
-            r = _level(base, concurrency, args.requests, args.max_tokens, 100 * concurrency)
-            rows.append([
-                name, concurrency, f"{r['tok/s']:.1f}", r["tokens"], f"{r['wall']:.1f}",
-                _pct(r["ttft"], 0.5), _pct(r["ttft"], 0.95), _pct(r["itl"], 0.5), _pct(r["itl"], 0.95),
-                f"{_rss_kib(proc.pid, 'VmRSS') / 1024:.0f} (warm {warm_rss / 1024:.0f}, peak "
-                f"{_rss_kib(proc.pid, 'VmHWM') / 1024:.0f})", r["errors"],
-            ])
+            for name, (proc, base, _) in servers.items():
+                if time.monotonic() - start > args.max_seconds:
+                    rows.append([name, concurrency, "skipped: --max-seconds reached"] + ["-"] * 9)
+                else:
+                    rows.append(_row(name, proc, base, concurrency, args, warm[name]))
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    print(f"{name}: log in {log_path}", file=sys.stderr)
-    return rows
+        for name, (proc, _, log_path) in servers.items():
+            proc.terminate()
+            proc.wait(timeout=30)
+            print(f"{name}: log in {log_path}", file=sys.stderr)
+    return sorted(rows, key=lambda row: row[0] != "ours")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=8, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--max-seconds", type=float, default=120, help="time budget per server")
+    parser.add_argument("--max-seconds", type=float, default=120, help="time budget for the levels")
     parser.add_argument("--only", choices=("ours", "mlx-lm"), default=None)
     args = parser.parse_args()
     print(common.machine_report())
     log_dir = Path(tempfile.mkdtemp(prefix="bench_server_"))
-    rows = []
-    for name in ("ours", "mlx-lm"):
-        if args.only in (None, name):
-            try:
-                rows += _run_server(name, args, log_dir)
-            except RuntimeError as e:
-                rows.append([name, "-", f"did not run: {str(e).splitlines()[0]}"] + ["-"] * 8)
-                print(e, file=sys.stderr)
+    names = [n for n in ("ours", "mlx-lm") if args.only in (None, n)]
+    rows = _load_test(names, args, log_dir)
     print(common.table(
-        ["server", "concurrency", "aggregate tok/s", "tokens", "wall s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms",
+        ["server", "concurrency", "aggregate tok/s", "tok/server-CPU-s", "tokens", "wall s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms",
          "ITL p95 ms", "RSS MiB after level", "errors"], rows,
     ))
 

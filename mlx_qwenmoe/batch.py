@@ -112,12 +112,14 @@ class BatchEngine:
         return_cache: bool = False,
         checkpoints: Sequence[int] = (),
         on_checkpoint: Optional[Callable[[int, List[Any]], None]] = None,
+        context: Sequence[int] = (),
     ) -> int:
         """Queue a request; returns its id. ``cache`` (single-sequence caches, e.g. a prompt
         cache entry) already holds the tokens before ``prompt``; ``prompt`` is what follows.
         The engine updates ``cache`` in place, as ``generate_step`` does: snapshot it to reuse it.
         ``on_checkpoint(n, cache)`` is called once the first ``n`` tokens of ``prompt`` are
-        prefilled, for each ``n`` in ``checkpoints`` (prefill chunks end there)."""
+        prefilled, for each ``n`` in ``checkpoints`` (prefill chunks end there). ``context``:
+        the tokens ``cache`` already holds, which logits processors see before ``prompt``."""
         ids = _prompt_ids(self.tokenizer, prompt).tolist()
         if not ids:
             raise ValueError("prompt must hold at least one token")
@@ -135,7 +137,7 @@ class BatchEngine:
             on_checkpoint=on_checkpoint,
         )
         if request.logits_processors:
-            request.history = mx.array(ids, dtype=mx.uint32)
+            request.history = mx.array([*context, *ids], dtype=mx.uint32)
         self._waiting.append(request)
         return request.id
 

@@ -269,6 +269,14 @@ def test_batch_engine_sequences_resume_from_lookup_and_store(tiny):
     cache = PromptCache(model)
     system = tokenizer.encode(SYSTEM, add_special_tokens=False)
     prompt = system + tokenizer.encode("first question", add_special_tokens=False)
+    seen = []  # the history length logits processors get at each step: the cached tokens count too
+
+    def record(history, logits):
+        seen.append(len(history))
+        return logits
+
+    def cold(ids):
+        return greedy(model, tokenizer, ids)
 
     def run(ids):
         hit = cache.lookup(ids)
@@ -280,15 +288,18 @@ def test_batch_engine_sequences_resume_from_lookup_and_store(tiny):
 
         engine = BatchEngine(model, tokenizer, max_batch=2, prefill_step_size=64)
         engine.submit(ids[hit.depth :], max_tokens=TOKENS, cache=hit.cache, return_cache=True,
-                      checkpoints=[d - hit.depth for d in kinds], on_checkpoint=on_checkpoint)
+                      checkpoints=[d - hit.depth for d in kinds], on_checkpoint=on_checkpoint,
+                      logits_processors=[record], context=ids[: hit.depth])
         events = [e for _ in range(8 * TOKENS) for e in engine.step()]
         assert sorted(taken) == sorted(kinds)
+        assert seen[: len(events)] == list(range(len(ids), len(ids) + len(events)))
+        seen.clear()
         cache.store(ids + [e.token for e in events][:-1], events[-1].cache, taken)
         return hit.depth, [e.token for e in events]
 
     depth, answer = run(prompt)
-    assert depth == 0 and answer == greedy(model, tokenizer, prompt)
+    assert depth == 0 and answer == cold(prompt)
     follow = prompt + answer + tokenizer.encode(" second question", add_special_tokens=False)
-    assert run(follow) == (len(prompt) + len(answer) - 1, greedy(model, tokenizer, follow))
+    assert run(follow) == (len(prompt) + len(answer) - 1, cold(follow))
     other = system + tokenizer.encode("another question", add_special_tokens=False)
-    assert run(other) == (len(system), greedy(model, tokenizer, other))
+    assert run(other) == (len(system), cold(other))

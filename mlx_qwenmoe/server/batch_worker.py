@@ -113,7 +113,7 @@ class BatchWorker(Worker):
                 running.checkpoints[hit.depth + n] = prompt_cache.snapshot(cache, kinds[hit.depth + n])
 
             hooks = dict(cache=hit.cache, return_cache=True, checkpoints=[d - hit.depth for d in kinds],
-                         on_checkpoint=on_checkpoint)
+                         on_checkpoint=on_checkpoint, context=job.prompt_ids[: hit.depth])
         request_id = self.engine.submit(
             job.prompt_ids[running.cached:], max_tokens=job.max_tokens, sampler=sampler, logits_processors=processors,
             stop=job.stop, **hooks,
