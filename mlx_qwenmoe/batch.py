@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,6 +56,8 @@ class _Request:
     next_input: int = 0
     history: Optional[mx.array] = None
     cancelled: bool = False
+    checkpoints: Sequence[int] = ()
+    on_checkpoint: Optional[Callable[[int, List[Any]], None]] = None
 
 
 class BatchEngine:
@@ -108,10 +110,16 @@ class BatchEngine:
         stop: Sequence[str] = (),
         cache: Optional[List[Any]] = None,
         return_cache: bool = False,
+        checkpoints: Sequence[int] = (),
+        on_checkpoint: Optional[Callable[[int, List[Any]], None]] = None,
+        context: Sequence[int] = (),
     ) -> int:
         """Queue a request; returns its id. ``cache`` (single-sequence caches, e.g. a prompt
         cache entry) already holds the tokens before ``prompt``; ``prompt`` is what follows.
-        The engine updates ``cache`` in place, as ``generate_step`` does: snapshot it to reuse it."""
+        The engine updates ``cache`` in place, as ``generate_step`` does: snapshot it to reuse it.
+        ``on_checkpoint(n, cache)`` is called once the first ``n`` tokens of ``prompt`` are
+        prefilled, for each ``n`` in ``checkpoints`` (prefill chunks end there). ``context``:
+        the tokens ``cache`` already holds, which logits processors see before ``prompt``."""
         ids = _prompt_ids(self.tokenizer, prompt).tolist()
         if not ids:
             raise ValueError("prompt must hold at least one token")
@@ -125,9 +133,11 @@ class BatchEngine:
             text=TokenText(self.tokenizer, max_tokens, stop),
             cache=self.model.make_cache() if cache is None else cache,
             return_cache=return_cache,
+            checkpoints=sorted(checkpoints),
+            on_checkpoint=on_checkpoint,
         )
         if request.logits_processors:
-            request.history = mx.array(ids, dtype=mx.uint32)
+            request.history = mx.array([*context, *ids], dtype=mx.uint32)
         self._waiting.append(request)
         return request.id
 
@@ -167,12 +177,15 @@ class BatchEngine:
     def _prefill_chunk(self, request: _Request) -> None:
         """One chunk of the prompt (all but its last token); the request joins the batch after
         the chunk that completes it, as ``generate.prefill`` would have split it alone."""
-        end = min(len(request.prompt) - 1, request.prefilled + self.prefill_step_size)
+        end = min(len(request.prompt) - 1, request.prefilled + self.prefill_step_size,
+                  *(n for n in request.checkpoints if n > request.prefilled))
         if end > request.prefilled:
             chunk = mx.array(request.prompt[request.prefilled : end], dtype=mx.uint32)
             self.model.hidden(chunk[None], request.cache)
             mx.eval([c.state for c in request.cache])
             request.prefilled = end
+            if request.on_checkpoint is not None and end in request.checkpoints:
+                request.on_checkpoint(end, request.cache)
         if request.prefilled == len(request.prompt) - 1:
             self._join(request)
             self._prefilling = None

@@ -341,6 +341,28 @@ class PromptCache:
         self._add_checkpoints(path, n, checkpoints)
         self._evict()
 
+    def prefill_checkpoints(self, hit: _Hit, n: int, boundaries: Sequence[int] = ()) -> Dict[int, int]:
+        """{depth: kind} where prefilling a prompt of ``n`` tokens from ``hit`` keeps a checkpoint:
+        every ``checkpoint_interval``, at ``boundaries``, at the prompt's end (all but its last
+        token), and where the prompt leaves the cached ones (the next may leave it there too:
+        a changed line, another question after the same document)."""
+        boundaries = [*boundaries, hit.match]
+        return {
+            d: END if d == n - 1 else BOUNDARY if d in boundaries else INTERVAL
+            for d in self.checkpoint_depths(hit.depth, n - 1, boundaries)
+        }
+
+    def snapshot(self, cache: List[Any], kind: int) -> _Checkpoint:
+        """A checkpoint of ``cache``'s DeltaNet states now, of ``kind`` (from ``prefill_checkpoints``)."""
+        return self._checkpoint(cache, None, kind)
+
+    def store(self, tokens: Sequence[int], cache: List[Any], checkpoints: Optional[Dict[int, _Checkpoint]] = None) -> None:
+        """Store a finished sequence: ``tokens``, all held by ``cache`` (one sequence's caches,
+        e.g. a ``BatchEngine`` request's returned with ``return_cache``), resumable at its end
+        and at ``checkpoints`` {depth: ``snapshot``} taken on the way."""
+        tokens = list(tokens)
+        self.insert(tokens, cache, {**(checkpoints or {}), len(tokens): self._checkpoint(cache, None, END)})
+
     def _add_checkpoints(self, path: List[_Node], n: int, checkpoints: Dict[int, _Checkpoint]) -> None:
         now = self._tick()
         for node in path:
@@ -395,18 +417,15 @@ class PromptCache:
         tokens = [int(t) for t in prompt.tolist()]
         hit = self.lookup(tokens, mtp=mtp)
         rest = prompt[hit.depth :]
-        # Where this prompt leaves the cached ones is where the next may leave it too (a changed
-        # line, another question after the same document): prefill passes it, so keep a checkpoint.
-        boundaries = [*boundaries, hit.match]
-        depths = self.checkpoint_depths(hit.depth, len(tokens) - 1, boundaries)
+        ranks = self.prefill_checkpoints(hit, len(tokens), boundaries)
+        depths = sorted(ranks)
         taken: Dict[int, _Checkpoint] = {}
         keep_hidden = self._mtp and mtp
 
         def on_checkpoint(end: int, hidden: mx.array) -> None:
             d = hit.depth + end
-            if d in depths:
-                rank = END if d == len(tokens) - 1 else BOUNDARY if d in boundaries else INTERVAL
-                taken[d] = self._checkpoint(hit.cache, hidden if keep_hidden else None, rank)
+            if d in ranks:
+                taken[d] = self._checkpoint(hit.cache, hidden if keep_hidden else None, ranks[d])
 
         hooks = dict(
             checkpoints=[d - hit.depth for d in depths], on_checkpoint=on_checkpoint, context=prompt[: hit.depth]

@@ -128,6 +128,18 @@ def test_budget_below_one_expert_per_layer_names_the_option(tiny_dir):
     assert result.exit_code == 2 and "--max-resident" in result.output, result.output
 
 
+def test_serve_and_chat_take_max_resident():
+    """``serve`` names the flag for a budget below one expert per layer (the server test runs one
+    streaming its experts); ``chat`` with a quarter of the bundled model's experts says what it says resident."""
+    refused = CliRunner().invoke(main, ["serve", "--max-resident", "1KB"])
+    assert refused.exit_code == 2 and "--max-resident" in refused.output, refused.output
+    args = ["chat", "--temp", "0", "--max-tokens", "6"]
+    plain = CliRunner().invoke(main, args, input="def add(a, b):\n")
+    streamed = CliRunner().invoke(main, [*args, "--max-resident", "1MB"], input="def add(a, b):\n")
+    assert plain.exit_code == 0 and streamed.exit_code == 0, streamed.output
+    assert streamed.stdout == plain.stdout and plain.stdout.strip()
+
+
 def test_cli_verbose_prints_stream_stats(tiny_dir):
     args = ["generate", "--model", str(tiny_dir), "--prompt", "hello", "--no-chat", "--max-tokens", "4"]
     plain = CliRunner().invoke(main, args)

@@ -256,3 +256,50 @@ def test_cli_generate_and_chat_reuse_the_prompt_cache(tiny, tmp_path):
     assert (tmp_path / "chat.safetensors").is_file() and f"/load: {tmp_path / 'bad'}: not a readable" in chat.output
     bad = CliRunner().invoke(main, ["chat", "--model", model_dir, "--prompt-cache-bytes", "10"], input="")
     assert bad.exit_code == 2 and "--prompt-cache-bytes 10: smaller than one checkpoint" in bad.output
+
+
+def test_batch_engine_sequences_resume_from_lookup_and_store(tiny):
+    """A server's way through the cache: ``lookup`` a prompt, prefill and decode the rest in a
+    ``BatchEngine`` taking the cache's checkpoints on the way, ``store`` the finished sequence.
+    The next turn resumes from its end, a diverging prompt from the boundary checkpoint; both
+    decode as a cold run does."""
+    from mlx_qwenmoe import BatchEngine
+
+    _, model, tokenizer = tiny
+    cache = PromptCache(model)
+    system = tokenizer.encode(SYSTEM, add_special_tokens=False)
+    prompt = system + tokenizer.encode("first question", add_special_tokens=False)
+    seen = []  # the history length logits processors get at each step: the cached tokens count too
+
+    def record(history, logits):
+        seen.append(len(history))
+        return logits
+
+    def cold(ids):
+        return greedy(model, tokenizer, ids)
+
+    def run(ids):
+        hit = cache.lookup(ids)
+        kinds = cache.prefill_checkpoints(hit, len(ids), [len(system)])
+        taken = {}
+
+        def on_checkpoint(n, c):
+            taken[hit.depth + n] = cache.snapshot(c, kinds[hit.depth + n])
+
+        engine = BatchEngine(model, tokenizer, max_batch=2, prefill_step_size=64)
+        engine.submit(ids[hit.depth :], max_tokens=TOKENS, cache=hit.cache, return_cache=True,
+                      checkpoints=[d - hit.depth for d in kinds], on_checkpoint=on_checkpoint,
+                      logits_processors=[record], context=ids[: hit.depth])
+        events = [e for _ in range(8 * TOKENS) for e in engine.step()]
+        assert sorted(taken) == sorted(kinds)
+        assert seen[: len(events)] == list(range(len(ids), len(ids) + len(events)))
+        seen.clear()
+        cache.store(ids + [e.token for e in events][:-1], events[-1].cache, taken)
+        return hit.depth, [e.token for e in events]
+
+    depth, answer = run(prompt)
+    assert depth == 0 and answer == cold(prompt)
+    follow = prompt + answer + tokenizer.encode(" second question", add_special_tokens=False)
+    assert run(follow) == (len(prompt) + len(answer) - 1, cold(follow))
+    other = system + tokenizer.encode("another question", add_special_tokens=False)
+    assert run(other) == (len(system), cold(other))

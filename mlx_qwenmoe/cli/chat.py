@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from .options import MODEL_HELP, Finite, open_prompt_cache
+from .options import MAX_RESIDENT_HELP, MODEL_HELP, Finite, load_streamed, open_prompt_cache
 
 
 @click.command("chat")
@@ -21,6 +21,7 @@ from .options import MODEL_HELP, Finite, open_prompt_cache
 @click.option("--mtp/--no-mtp", default=False, show_default=True, help="Speculative decoding with the checkpoint's MTP head.")
 @click.option("--prompt-cache", "prompt_cache_file", type=click.Path(dir_okay=False), default=None, help="Start from this prompt cache file if it exists.")
 @click.option("--prompt-cache-bytes", type=click.IntRange(min=1), default=None, help="Prompt cache budget in bytes. [default: a quarter of the free memory]")
+@click.option("--max-resident", default=None, metavar="SIZE", help=MAX_RESIDENT_HELP)
 def chat_command(
     model_path: Optional[str],
     system: Optional[str],
@@ -32,6 +33,7 @@ def chat_command(
     mtp: bool,
     prompt_cache_file: Optional[str],
     prompt_cache_bytes: Optional[int],
+    max_resident: Optional[str],
 ) -> None:
     """Chat in the terminal, streaming replies; an empty line or end of input quits.
 
@@ -40,11 +42,10 @@ def chat_command(
     (the prompt cache)."""
     import mlx.core as mx
 
-    from ..api import load
     from ..chat import ChatSession, run_repl
     from ..sampling import SamplerSpec
 
-    model, tokenizer = load(model_path)
+    model, tokenizer = load_streamed(model_path, max_resident)
     if not tokenizer.has_chat_template:
         raise click.UsageError("--model: the checkpoint's tokenizer has no chat template")
     if seed is not None:

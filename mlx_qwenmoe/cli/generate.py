@@ -8,7 +8,7 @@ from typing import Any, Optional, Tuple
 
 import click
 
-from .options import MODEL_HELP, Finite, load_streamed, open_prompt_cache, read_prompt, show_warning
+from .options import MAX_RESIDENT_HELP, MODEL_HELP, Finite, load_streamed, open_prompt_cache, read_prompt, show_warning
 
 
 @click.command("generate")
@@ -28,8 +28,7 @@ from .options import MODEL_HELP, Finite, load_streamed, open_prompt_cache, read_
 @click.option("--prefill-step-size", type=click.IntRange(min=1), default=2048, show_default=True, help="Prompt tokens per forward pass.")
 @click.option("--mtp/--no-mtp", default=False, show_default=True, help="Speculative decoding with the checkpoint's MTP head.")
 @click.option("--draft-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Tokens drafted per step with --mtp.")
-@click.option("--max-resident", default=None, metavar="SIZE",
-              help="Keep at most SIZE (e.g. 6GiB) of routed experts in memory; read the rest from disk as routed.")
+@click.option("--max-resident", default=None, metavar="SIZE", help=MAX_RESIDENT_HELP)
 @click.option("--prefetch-experts", is_flag=True, help="With --max-resident: read the next layer's predicted experts ahead.")
 @click.option("--verbose", is_flag=True, help="Also print expert-streaming stats (hit rate, bytes read per token, prefetch accuracy).")
 @click.option("--prompt-cache", "prompt_cache_file", type=click.Path(dir_okay=False), default=None, help="Prompt cache file: reused if it exists, updated after the run.")

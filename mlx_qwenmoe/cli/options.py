@@ -10,6 +10,7 @@ from typing import Any, Optional, Tuple
 import click
 
 MODEL_HELP = "Model directory or Hugging Face repo id. [default: the bundled demo model]"
+MAX_RESIDENT_HELP = "Keep at most SIZE (e.g. 6GiB) of routed experts in memory; read the rest from disk as routed."
 
 
 class Finite(click.FloatRange):

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP app: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-Requests are checked and tokenized here, then queued for the single generation worker;
+Requests are checked and tokenized here, then queued for the generation worker (batched,
+or serial with MTP);
 endpoints stream its steps back (server-sent events when ``stream`` is set). Nothing a
 request sends can name a file or another model: the app only knows the model it was given.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, List, Optional, Union
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -23,7 +24,8 @@ from .http_errors import APIError, install_error_handlers
 from .prompt import render_chat
 from .schemas import ChatCompletionRequest, CompletionRequest, Sampling
 from .stream_parser import OutputParser, prompt_opens_thinking, think_tags, tool_format
-from .worker import JobHandle, Worker
+from .batch_worker import BatchWorker
+from .worker import JobHandle, QueueFull, Worker
 
 
 @dataclass
@@ -32,6 +34,8 @@ class ServerConfig:
     context_length: int
     vocab_size: int
     sampling_defaults: Dict[str, Any] = field(default_factory=dict)
+    max_batch: int = 8  # requests decoding together (1 with MTP: its speculative path is serial)
+    max_queue: int = 32  # requests waiting beyond those; more get 503
 
 
 class _Server:
@@ -39,7 +43,17 @@ class _Server:
         self.backend = backend
         self.tokenizer = backend.tokenizer
         self.config = config
-        self.worker = Worker(backend)
+        if backend.mtp:
+            self.worker = Worker(backend, capacity=1 + config.max_queue)
+        else:
+            self.worker = BatchWorker(backend, max_batch=config.max_batch, max_queue=config.max_queue)
+
+    def submit(self, job: GenerationJob) -> JobHandle:
+        try:
+            return self.worker.submit(job)
+        except QueueFull as e:
+            raise APIError(f"{e}; retry later", status=503, type="server_error", code="server_busy",
+                           headers={"Retry-After": "1"}) from None
 
     def check_model(self, body: Sampling) -> None:
         if body.model != self.config.model_id:
@@ -49,7 +63,7 @@ class _Server:
             )
 
     def job(self, request_id: str, body: Sampling, prompt_ids: List[int], max_tokens: Optional[int],
-            top_logprobs: Optional[int]) -> GenerationJob:
+            top_logprobs: Optional[int], boundaries: Sequence[int] = ()) -> GenerationJob:
         if body.n != 1:
             raise APIError(f"'n': only 1 choice per request is supported, not {body.n}", param="n")
         if not prompt_ids:
@@ -78,6 +92,7 @@ class _Server:
             sampling=sampling,
             stop=body.stop_list(),
             top_logprobs=top_logprobs,
+            boundaries=list(boundaries),
         )
 
 
@@ -144,17 +159,17 @@ async def _chat(server: _Server, request: Request, body: ChatCompletionRequest) 
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     tokenizer = server.tokenizer
-    prompt_ids = await run_in_threadpool(render_chat, tokenizer, body, tools)
+    prompt_ids, boundaries = await run_in_threadpool(render_chat, tokenizer, body, tools)
     top = (body.top_logprobs or 0) if body.logprobs else None
     env = fmt.Envelope.new("chat.completion", server.config.model_id, "chatcmpl")
-    job = server.job(env.id, body, prompt_ids, body.max_completion_tokens or body.max_tokens, top)
+    job = server.job(env.id, body, prompt_ids, body.max_completion_tokens or body.max_tokens, top, boundaries)
     parser = OutputParser(
         think=think_tags(tokenizer),
         thinking=prompt_opens_thinking(tokenizer, prompt_ids),
         tools=tool_format(tokenizer) if tools else None,
         tool_specs=tools,
     )
-    handle = server.worker.submit(job)
+    handle = server.submit(job)
     if body.stream:
         env.object = "chat.completion.chunk"
         return _stream(_guarded(_chat_chunks(_run(request, handle), parser, env, body.include_usage)))
@@ -208,7 +223,7 @@ async def _completion(server: _Server, request: Request, body: CompletionRequest
     prompt_ids = await run_in_threadpool(_completion_prompt, server, body)
     env = fmt.Envelope.new("text_completion", server.config.model_id, "cmpl")
     job = server.job(env.id, body, prompt_ids, body.max_tokens, body.logprobs)
-    handle = server.worker.submit(job)
+    handle = server.submit(job)
     if body.stream:
         return _stream(_guarded(_completion_chunks(_run(request, handle), env, body.include_usage)))
     steps = await _collect(request, handle)

@@ -56,6 +56,7 @@ class GenerationJob:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: List[str] = field(default_factory=list)
     top_logprobs: Optional[int] = None  # None: no logprobs; 0: the chosen token's only
+    boundaries: List[int] = field(default_factory=list)  # where chat messages begin (prompt-cache checkpoints)
 
 
 @dataclass
@@ -84,15 +85,20 @@ class Step:
 
 
 class Backend:
-    """Generates for one job at a time with ``stream_generate`` (MTP when ``mtp``)."""
+    """Generates for one job at a time with ``stream_generate`` (MTP when ``mtp``), every job
+    through ``prompt_cache`` (a ``PromptCache``; not thread-safe, so only the worker thread
+    touches it)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, mtp: bool = False, draft_tokens: int = 2):
+    def __init__(self, model: Any, tokenizer: Any, *, mtp: bool = False, draft_tokens: int = 2,
+                 prompt_cache: Optional[Any] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.mtp = mtp
         self.draft_tokens = draft_tokens
+        self.prompt_cache = prompt_cache
 
-    def generate(self, job: GenerationJob) -> Iterator[Step]:
+    def sampling(self, job: GenerationJob) -> Tuple[SamplerSpec, List[Any]]:
+        """The job's sampler and logits processors (and its seed, set now)."""
         s = job.sampling
         sampler = SamplerSpec(s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=max(s.top_k, 0))
         processors = make_logits_processors(
@@ -102,8 +108,16 @@ class Backend:
         )
         if s.seed is not None:
             mx.random.seed(s.seed)
+        return sampler, processors
+
+    def step(self, job: GenerationJob, token: int, text: str, logprobs: mx.array, finish_reason: Optional[str],
+             usage: Optional[Usage]) -> Step:
+        return Step(text=text, token=token, logprob=self._logprob(token, logprobs, job.top_logprobs),
+                    finish_reason=finish_reason, usage=usage)
+
+    def generate(self, job: GenerationJob) -> Iterator[Step]:
+        sampler, processors = self.sampling(job)
         stats = SpecStats() if self.mtp else None
-        # The prompt-cache seam: stream_generate(..., prompt_cache=..., boundaries=...) goes here.
         responses = stream_generate(
             self.model,
             self.tokenizer,
@@ -115,23 +129,23 @@ class Backend:
             mtp=self.mtp,
             draft_tokens=self.draft_tokens,
             mtp_stats=stats,
+            prompt_cache=self.prompt_cache,
+            boundaries=job.boundaries,
         )
         last = None
         try:
             for last in responses:
                 usage = None
                 if last.finish_reason:
-                    usage = Usage(last.prompt_tokens, last.generation_tokens, getattr(last, "cached_tokens", 0))
-                yield Step(
-                    text=last.text,
-                    token=last.token,
-                    logprob=self._logprob(last.token, last.logprobs, job.top_logprobs),
-                    finish_reason=last.finish_reason,
-                    usage=usage,
-                )
+                    usage = Usage(last.prompt_tokens, last.generation_tokens, last.cached_tokens)
+                yield self.step(job, last.token, last.text, last.logprobs, last.finish_reason, usage)
         finally:
             responses.close()
-            log.info(self._log_line(job, last, stats))
+            if last is None:
+                log.info(f"{job.request_id}: prompt {len(job.prompt_ids)} tokens, stopped before the first token")
+            else:
+                log.info(log_line(job, last.cached_tokens, last.prompt_tps, last.generation_tps,
+                                  last.generation_tokens, last.finish_reason, stats))
 
     def _logprob(self, token: int, logprobs: mx.array, top: Optional[int]) -> Optional[TokenLogprob]:
         if top is None:
@@ -145,16 +159,16 @@ class Backend:
             best = [(decode([int(i)]), float(v)) for i, v in zip(ids[order].tolist(), values[order].tolist())]
         return TokenLogprob(decode([token]), float(logprobs[token].item()), best)
 
-    @staticmethod
-    def _log_line(job: GenerationJob, last: Any, stats: Optional[SpecStats]) -> str:
-        if last is None:
-            return f"{job.request_id}: prompt {len(job.prompt_ids)} tokens, stopped before the first token"
-        end = f"finish {last.finish_reason}" if last.finish_reason else "cancelled"
-        line = (
-            f"{job.request_id}: prompt {last.prompt_tokens} tokens, cached {getattr(last, 'cached_tokens', 0)}, "
-            f"prefill {last.prompt_tps:.1f} tok/s, decode {last.generation_tps:.1f} tok/s, "
-            f"{last.generation_tokens} tokens, {end}"
-        )
-        if stats is not None:
-            line += f", MTP acceptance {stats.acceptance_rate:.1%} ({stats.tokens_per_forward:.2f} tokens/forward)"
-        return line
+
+
+def log_line(job: GenerationJob, cached: int, prompt_tps: float, decode_tps: float, generated: int,
+             finish_reason: Optional[str], stats: Optional[SpecStats] = None) -> str:
+    """The per-request log line: prompt and cached tokens, prefill and decode speed, MTP acceptance."""
+    end = f"finish {finish_reason}" if finish_reason and finish_reason != "cancelled" else "cancelled"
+    line = (
+        f"{job.request_id}: prompt {len(job.prompt_ids)} tokens, cached {cached}, "
+        f"prefill {prompt_tps:.1f} tok/s, decode {decode_tps:.1f} tok/s, {generated} tokens, {end}"
+    )
+    if stats is not None:
+        line += f", MTP acceptance {stats.acceptance_rate:.1%} ({stats.tokens_per_forward:.2f} tokens/forward)"
+    return line

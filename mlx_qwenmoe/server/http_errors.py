@@ -21,16 +21,18 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: Optional[str] = None,
         code: Optional[str] = None,
+        headers: Optional[Dict[str, str]] = None,
     ):
         super().__init__(message)
         self.status = status
+        self.headers = headers
         self.body = {"message": message, "type": type, "param": param, "code": code}
 
     def to_dict(self) -> Dict[str, Any]:
         return {"error": self.body}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.to_dict(), status_code=self.status)
+        return JSONResponse(self.to_dict(), status_code=self.status, headers=self.headers)
 
 
 # Pydantic names the member of a Union it tried in the error's location ("str", "list[int]",

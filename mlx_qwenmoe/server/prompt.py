@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from jinja2 import TemplateError
 
+from ..api import chat_prompt_with_boundaries
 from .http_errors import APIError
 from .schemas import ChatCompletionRequest, Message
 
@@ -75,18 +76,13 @@ def _template_variables(tokenizer: Any, kwargs: Dict[str, Any]) -> Dict[str, Any
 
 def render_chat(
     tokenizer: Any, request: ChatCompletionRequest, tools: Optional[List[Dict[str, Any]]]
-) -> List[int]:
-    """Token ids of the conversation, ending with the assistant's turn opened.
-
-    The prompt cache will want the message boundaries too: this is the one call to swap
-    for ``api.chat_prompt_with_boundaries``."""
+) -> Tuple[List[int], List[int]]:
+    """Token ids of the conversation, ending with the assistant's turn opened, and the offsets
+    where its messages begin (the prompt cache keeps checkpoints there)."""
     if not tokenizer.has_chat_template:
         raise APIError("this model has no chat template: use /v1/completions", param="messages")
     kwargs = _template_variables(tokenizer, dict(request.chat_template_kwargs or {}))
     try:
-        text = tokenizer.apply_chat_template(
-            template_messages(request.messages), tools=tools, add_generation_prompt=True, tokenize=False, **kwargs
-        )
+        return chat_prompt_with_boundaries(tokenizer, template_messages(request.messages), tools=tools, **kwargs)
     except TemplateError as e:
         raise APIError(f"the chat template rejected the messages: {e}", param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)

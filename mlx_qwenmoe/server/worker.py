@@ -1,8 +1,11 @@
-"""One dedicated thread runs every generation, one job at a time, in arrival order.
+"""One dedicated thread runs every generation; ``Worker`` runs one job at a time, in arrival
+order (``batch_worker.BatchWorker`` decodes several together).
 
 The HTTP side submits a job and reads its steps from an ``asyncio.Queue`` filled from the
 worker thread; cancelling a job (its client went away) stops it after the current step,
-and closing the generation frees its caches before the next job starts.
+and closing the generation frees its caches before the next job starts. At most
+``capacity`` jobs are admitted at once (running and queued); beyond it ``submit`` raises
+``QueueFull``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from .backend import Backend, GenerationJob, Step
 log = logging.getLogger("mlx_qwenmoe.server")
 
 _END = object()
+
+
+class QueueFull(Exception):
+    """The worker holds as many jobs as it admits; the client should retry later."""
 
 
 class JobHandle:
@@ -56,11 +63,15 @@ class JobHandle:
 class Worker:
     """Owns the backend and the thread that drives it."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, capacity: int = 1 << 30):
         self.backend = backend
+        self.capacity = capacity
+        self._admitted = 0
+        self._lock = threading.Lock()
         self._jobs: "queue.Queue[Optional[JobHandle]]" = queue.Queue()
         self._active: Optional[JobHandle] = None
         self._memory_after_last_job = 0
+        self._prompt_cache_after_last_job = 0
         self._thread = threading.Thread(target=self._run, name="mlx_qwenmoe-generation", daemon=True)
 
     def start(self) -> None:
@@ -74,17 +85,36 @@ class Worker:
         self._thread.join()
 
     def submit(self, job: GenerationJob) -> JobHandle:
+        with self._lock:
+            if self._admitted >= self.capacity:
+                raise QueueFull(f"the server holds {self._admitted} requests, its most")
+            self._admitted += 1
         handle = JobHandle(job, asyncio.get_running_loop())
         self._jobs.put(handle)
         return handle
 
+    def _end(self, handle: JobHandle) -> None:
+        """The job is over: its stream ends and its place is free."""
+        with self._lock:
+            self._admitted -= 1
+        handle._put(_END)
+
+    def _record_memory(self) -> None:
+        """Give freed buffers back, then note the memory in use and the prompt cache's share."""
+        mx.clear_cache()
+        self._memory_after_last_job = mx.get_active_memory()
+        cache = self.backend.prompt_cache
+        self._prompt_cache_after_last_job = cache.nbytes if cache is not None else 0
+
     def load(self) -> dict:
         """How busy the worker is (the running job, 0 or 1, and those waiting), and the MLX
-        memory in use once the last job had released its caches."""
+        memory in use once the last job had released its caches, of which the prompt cache holds
+        ``prompt_cache_bytes``."""
         return {
             "active_requests": int(self._active is not None),
             "queued_requests": self._jobs.qsize(),
             "memory_after_last_request_bytes": self._memory_after_last_job,
+            "prompt_cache_bytes": self._prompt_cache_after_last_job,
         }
 
     def _run(self) -> None:
@@ -111,7 +141,5 @@ class Worker:
             log.exception("%s: generation failed", handle.job.request_id)
             handle._put(e)
         finally:
-            # The closed generation dropped its caches; give their buffers back now.
-            mx.clear_cache()
-            self._memory_after_last_job = mx.get_active_memory()
-            handle._put(_END)
+            self._record_memory()  # the closed generation dropped its caches
+            self._end(handle)
