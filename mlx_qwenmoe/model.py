@@ -285,7 +285,10 @@ def check_token_ids(inputs: mx.array, vocab_size: int) -> None:
         raise ValueError(f"token ids must be an integer mx.array, got {getattr(inputs, 'dtype', type(inputs).__name__)}")
     if inputs.size == 0:
         raise ValueError(f"token ids must not be empty (shape {tuple(inputs.shape)})")
-    low, high = mx.min(inputs).item(), mx.max(inputs).item()
+    try:
+        low, high = mx.min(inputs).item(), mx.max(inputs).item()
+    except ValueError:  # inside mx.compile or an export: the values are not known yet
+        return
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
@@ -305,8 +308,10 @@ class Model(nn.Module):
     def __call__(
         self, inputs: mx.array, cache: Optional[List[Any]] = None, input_embeddings: Optional[mx.array] = None
     ) -> mx.array:
-        """Logits; ``inputs`` are checked against the vocabulary (``hidden`` trusts its caller)."""
-        if input_embeddings is None:
+        """Logits. A prompt's ``inputs`` (more than one token a row) are checked against the
+        vocabulary; one token a row is what a sampler drew, and reading its value here would stall
+        the pipelined decode loops of mlx-lm and ours (``hidden`` trusts its caller throughout)."""
+        if input_embeddings is None and (inputs.ndim == 0 or inputs.shape[-1] != 1):
             check_token_ids(inputs, self.args.vocab_size)
         return self.language_model.logits(self.hidden(inputs, cache, input_embeddings))
 
