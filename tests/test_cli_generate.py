@@ -138,8 +138,11 @@ def test_default_model_is_used_without_model(monkeypatch, model_dir):
     not (mlx_qwenmoe.api.default_model_dir() / "config.json").is_file(), reason="default model not shipped yet"
 )
 def test_shipped_default_model_generates():
-    result = run("--prompt", "def ", "--max-tokens", "4")
+    result = run("--prompt", "def ", "--max-tokens", "4", "--no-chat")
     assert result.exit_code == 0, result.output
+    text, stats = result.output.rsplit("Prompt:", 1)
+    assert text.strip()  # the demo model writes something after "def "
+    assert "Generation: 4 tokens" in stats
 
 
 def test_hub_repo_resolves_to_local_snapshot(monkeypatch, tmp_path, model_dir):
