@@ -27,8 +27,9 @@ from typing import Dict, List
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).parent))
 from common import CACHE_ROOT, available_bytes, ensure_checkpoint, table  # noqa: E402
+
+from mlx_qwenmoe.convert.plan import plan_conversion  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 CONFIGS = {"122b": "qwen3_5_122b_a10b_config.json", "397b": "qwen3_5_397b_a17b_config.json"}
@@ -46,15 +47,6 @@ def reduced_config(name: str) -> dict:
     text.update(num_hidden_layers=LAYERS, num_experts=EXPERTS, vocab_size=VOCAB, mtp_num_hidden_layers=0,
                 layer_types=text["layer_types"][:LAYERS], dtype="float32")
     return config
-
-
-def converter_recipe(path: str, module) -> tuple:
-    """The converter's default 4-bit recipe: gating projections at 8 bits, the rest at 4."""
-    if module.weight.shape[-1] % 64:
-        return None
-    if path.endswith(("mlp.gate", "shared_expert_gate", "in_proj_a", "in_proj_b")):
-        return (8, 64)
-    return (4, 64)
 
 
 # --- the worker: one rank ----------------------------------------------------------------
@@ -140,7 +132,7 @@ def worker(model_dir: Path, modes: List[str], out: Path) -> None:
 
 def planned(config: dict, n: int) -> Dict[str, Dict[str, float]]:
     """Our plan and mlx-lm's analytic figures: max per-rank weight bytes and bytes sent per token."""
-    from mlx_qwenmoe.convert.plan import DTYPES, config_dtype, plan_conversion
+    from mlx_qwenmoe.convert.plan import DTYPES, config_dtype
     from mlx_qwenmoe.distributed.plan import Host, plan_distributed
 
     hosts = [Host(f"r{i}", 1 << 50, 1 << 50) for i in range(n)]
@@ -204,8 +196,8 @@ def main() -> None:
     for name in a.models.split(","):
         full = json.loads((FIXTURES / CONFIGS[name]).read_text())
         small = reduced_config(name)
-        model_dir = ensure_checkpoint(CACHE_ROOT / f"dist-{name}-{LAYERS}l-{EXPERTS}e-f32", small, converter_recipe,
-                                      float_dtype=mx.float32)
+        plan = plan_conversion(small, bits=4, group_size=64, dtype="float32")  # what `convert --bits 4` writes
+        model_dir = ensure_checkpoint(CACHE_ROOT / f"dist-{name}-{LAYERS}l-{EXPERTS}e-f32", small, plan)
         for n in map(int, a.ranks.split(",")):
             if available_bytes() < 4 * GiB:
                 print(f"skipping {name} x {n}: less than 4 GiB of memory available")
