@@ -37,20 +37,23 @@ TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 
 @dataclass(frozen=True)
 class Shapes:
+    """The sizes a kernel check runs at (also the syntax check's cases, ``tests/msl_check``)."""
+
     name: str
-    dtype: mx.Dtype
+    dtype: mx.Dtype  # activations; also the quantization scales' dtype
     hidden: int
     experts: int
     top_k: int
-    inter: int
-    shared_inter: int
+    inter: int  # expert intermediate
+    shared_inter: int  # 0: no shared expert
     bits: int
     group_size: int
     hk: int
     hv: int
     dk: int
     dv: int
-    prefill: int
+    prefill: int  # tokens of the chunked delta-rule call
+    tokens: int = 1  # a decode-sized MoE call
 
 
 A3B = Shapes("Qwen3.5-35B-A3B", mx.bfloat16, 2048, 256, 8, 512, 512, 4, 64, 16, 32, 128, 128, 512)

@@ -7,43 +7,24 @@ arguments: nothing is allocated or run, even at A3B shapes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
+from mlx_qwenmoe.doctor import Shapes
 from mlx_qwenmoe.ops.gated_delta import kernel as gd_kernel
 from mlx_qwenmoe.ops.moe import kernel as moe_kernel
 
 
-@dataclass(frozen=True)
-class Shapes:
-    name: str
-    dtype: mx.Dtype  # activations; also the quantization scales' dtype
-    tokens: int  # decode-sized MoE call
-    hidden: int
-    experts: int
-    top_k: int
-    inter: int  # expert intermediate
-    shared_inter: int  # 0: no shared expert
-    bits: int
-    group_size: int
-    hk: int
-    hv: int
-    dk: int
-    dv: int
-    prefill: int  # tokens of the chunked delta-rule call
-
-
 # Qwen3.5-35B-A3B in mlx-community's 4-bit layout (shared-expert gate at 8 bits).
-A3B = Shapes("a3b-bf16", mx.bfloat16, 1, 2048, 256, 8, 512, 512, 4, 64, 16, 32, 128, 128, 100)
+A3B = Shapes("a3b-bf16", mx.bfloat16, 2048, 256, 8, 512, 512, 4, 64, 16, 32, 128, 128, 100)
 # The shapes of the kernel tests.
-TEST = Shapes("test-f32", mx.float32, 4, 128, 8, 2, 128, 0, 8, 32, 2, 4, 32, 16, 70)
+TEST = Shapes("test-f32", mx.float32, 128, 8, 2, 128, 0, 8, 32, 2, 4, 32, 16, 70, tokens=4)
 # Inputs of fewer than 8 elements, which MLX passes in the constant address space:
 # router logits, ids, weights, the shared gate's scales, zgate, a/b/A_log/dt_bias, g/beta.
-TINY = Shapes("tiny-constant", mx.float32, 1, 128, 4, 2, 128, 128, 4, 64, 1, 2, 32, 8, 1)
+TINY = Shapes("tiny-constant", mx.float32, 128, 4, 2, 128, 128, 4, 64, 1, 2, 32, 8, 1)
 
 SHAPES = (A3B, TEST, TINY)
 
